@@ -1,0 +1,321 @@
+"""Database: the facade. Each call is one autocommit statement on a pooled connection.
+
+``find_one``, ``insert``, ``count``, ... build their statement once per shape (see
+``sql``), borrow a connection, run one statement, and give it back: one round trip, no
+BEGIN/COMMIT. Inside ``with db.transaction()`` on the same thread, the same calls join
+the open transaction instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from time import perf_counter
+from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar, cast
+
+import psycopg2
+
+from . import sql as q
+from .config import Settings
+from .errors import (
+    CommitOutcomeUnknown,
+    DatabaseError,
+    TransactionError,
+    UniqueViolation,
+    translate,
+)
+from .operations import FETCH, Operations, Params, query_stats, record
+from .pool import ConnectionPool, default_pool
+from .retry import (
+    RetryPolicy,
+    global_stats,
+    is_transient,
+    is_transient_or_unknown,
+    table_policy,
+)
+from .transaction import Transaction, TransactionBlock, current_transaction
+
+__all__ = ["Database"]
+
+logger = logging.getLogger("pgaccess.database")
+
+T = TypeVar("T")
+
+
+class Database(Operations):
+    """The facade of the usage guide: ``insert``, ``find_one``, ``update``, ...
+
+    ``Database()`` uses the default pool (from ``PGACCESS_DSN`` / ``DATABASE_URL``),
+    ``Database(dsn=...)`` makes a pool of its own, ``Database(pool=...)`` shares one.
+    Thread-safe: share one instance between threads. Reads (``find_one``,
+    ``find_many``, ``count``, ``exists``, a SELECT through ``execute``) are retried on
+    transient errors outside transactions; writes are retried only where that is
+    safe (see ``retry.TABLE_POLICIES``).
+    """
+
+    def __init__(
+        self,
+        dsn: Optional[str] = None,
+        *,
+        pool: Optional[ConnectionPool] = None,
+        retry_reads: bool = True,
+        read_policy: Optional[RetryPolicy] = None,
+        transaction_policy: Optional[RetryPolicy] = None,
+        slow_query_ms: Optional[float] = None,
+        **pool_kwargs: Any,
+    ) -> None:
+        if pool is not None and (dsn is not None or pool_kwargs):
+            raise TypeError("pass either pool= or connection settings, not both")
+        self._owns_pool = pool is None and (dsn is not None or bool(pool_kwargs))
+        if self._owns_pool:
+            pool = ConnectionPool(dsn, **pool_kwargs)
+        self._pool: Optional[ConnectionPool] = pool  # None: the default, on first use
+        self.retry_reads = retry_reads
+        self.read_policy = read_policy or RetryPolicy(
+            max_attempts=3, delay=0.05, max_delay=1.0
+        )
+        self.transaction_policy = transaction_policy or RetryPolicy(
+            max_attempts=5, delay=0.02, max_delay=1.0
+        )
+        if slow_query_ms is None:
+            slow_query_ms = Settings.resolve(maxconn=1).slow_query_ms
+        self.slow_query_ms = slow_query_ms
+
+    def __repr__(self) -> str:
+        return f"<Database pool={self._pool or 'default'!r}>"
+
+    @property
+    def pool(self) -> ConnectionPool:
+        """The connection pool this facade borrows from."""
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = default_pool()
+        return pool
+
+    def close(self) -> None:
+        """Close the pool if this Database made it (``Database(dsn=...)``)."""
+        if self._owns_pool and self._pool is not None:
+            self._pool.close()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------- executor
+    def _run(self, st: q.Statement, params: Params, mode: int, write: bool) -> Any:
+        pool = self._pool or self.pool
+        tx = current_transaction(pool)
+        if tx is not None:
+            return tx._run(st, params, mode, write)
+        conn = pool.acquire()
+        try:
+            cur = conn.cursor_cache
+            if cur is None or cur.closed:
+                cur = conn.cursor_cache = conn.cursor()
+            text = st.text or st.render(cur)
+            t0 = perf_counter()
+            try:
+                cur.execute(text, params)
+                result = FETCH[mode](cur)
+            except (psycopg2.Error, ValueError) as exc:
+                record(text, perf_counter() - t0, True, None)
+                raise translate(
+                    exc, text, connection=conn, write_in_flight=write
+                ) from exc
+        finally:
+            pool.release(conn)
+        record(text, perf_counter() - t0, False, self.slow_query_ms)
+        return result
+
+    def _read(self, st: q.Statement, params: Params, mode: int) -> Any:
+        try:
+            return self._run(st, params, mode, False)
+        except DatabaseError as exc:
+            if (
+                not self.retry_reads
+                or not is_transient(exc)
+                or current_transaction(self.pool) is not None
+            ):
+                raise
+            return self.read_policy.call_after_failure(
+                exc, lambda: self._run(st, params, mode, False)
+            )
+
+    def _call(self, fn: Callable[[Any], T], text: str, write: bool) -> T:
+        tx = current_transaction(self.pool)
+        if tx is not None:
+            return tx._call(fn, text, write)
+        with self.pool.connection() as conn:
+            t0 = perf_counter()
+            try:
+                with conn.cursor() as cur:
+                    result = fn(cur)
+            except (psycopg2.Error, ValueError) as exc:
+                record(text, perf_counter() - t0, True, None)
+                raise translate(
+                    exc, text, connection=conn, write_in_flight=write
+                ) from exc
+            record(text, perf_counter() - t0, False, self.slow_query_ms)
+            return result
+
+    def _atomic(self, fn: Callable[[Operations], T]) -> T:
+        with self.transaction() as tx:
+            return fn(tx)
+        return cast(T, None)  # fn raised Rollback: the block was rolled back quietly
+
+    def _catalog_pool(self) -> ConnectionPool:
+        return self.pool
+
+    def _write(
+        self,
+        table: str,
+        st: q.Statement,
+        params: List[Any],
+        mode: int,
+        data: Mapping[str, Any],
+        returning: Any,
+    ) -> Any:
+        try:
+            return self._run(st, params, mode, True)
+        except DatabaseError as exc:
+            policy = table_policy(table)
+            if policy is None or current_transaction(self.pool) is not None:
+                raise
+            if isinstance(exc, CommitOutcomeUnknown) and all(k in data for k in policy.key):
+                return policy.policy.call_after_failure(
+                    exc, lambda: self._insert_again(table, data, policy.key, returning, st)
+                )
+            if is_transient(exc):  # nothing was sent: the plain insert is safe again
+                return policy.policy.call_after_failure(
+                    exc, lambda: self._run(st, params, mode, True)
+                )
+            raise
+
+    def _insert_again(
+        self,
+        table: str,
+        data: Mapping[str, Any],
+        key: Any,
+        returning: Any,
+        st: q.Statement,
+    ) -> Any:
+        """Re-run an insert whose first outcome is unknown, without writing twice."""
+        row = self.upsert(table, data, conflict=key, update=())
+        mismatched = [c for c, v in data.items() if row.get(c) != v]
+        if mismatched:
+            raise UniqueViolation(
+                f"a row with the same {', '.join(key)} already exists in {table} with "
+                f"other values ({', '.join(mismatched)}); it was not written by this call",
+                sqlstate="23505",
+                statement=st.text,
+            )
+        if returning is None or returning == "*":
+            return None if returning is None else row
+        if isinstance(returning, str):
+            return row[returning]
+        return {c: row[c] for c in returning}
+
+    def _write_idempotent(self, table: str, run: Callable[[], T]) -> T:
+        try:
+            return run()
+        except DatabaseError as exc:
+            policy = table_policy(table)
+            if (
+                policy is None
+                or current_transaction(self.pool) is not None
+                or not is_transient_or_unknown(exc)
+            ):
+                raise
+            return policy.policy.call_after_failure(exc, run)
+
+    def update(
+        self,
+        table: str,
+        data: Mapping[str, Any],
+        where: Optional[Mapping[str, Any]] = None,
+        *,
+        all_rows: bool = False,
+    ) -> int:
+        """Set ``data`` on the rows matching ``where``; return how many changed.
+
+        An empty or missing ``where`` raises ``InvalidQuery`` unless ``all_rows=True``.
+        On the pipeline's tables it is retried on transient errors and unknown
+        outcomes: it sets absolute values, so running it twice leaves the same state.
+        """
+        return self._write_idempotent(
+            table, lambda: Operations.update(self, table, data, where, all_rows=all_rows)
+        )
+
+    def delete(
+        self,
+        table: str,
+        where: Optional[Mapping[str, Any]] = None,
+        *,
+        all_rows: bool = False,
+    ) -> int:
+        """Delete the rows matching ``where``; return how many.
+
+        An empty or missing ``where`` raises ``InvalidQuery`` unless ``all_rows=True``.
+        Retried on the pipeline's tables like ``update``: a delete is idempotent.
+        """
+        return self._write_idempotent(
+            table, lambda: Operations.delete(self, table, where, all_rows=all_rows)
+        )
+
+    # ---------------------------------------------------- transactions
+    def transaction(
+        self, isolation: Optional[str] = None, read_only: bool = False
+    ) -> TransactionBlock:
+        """``with db.transaction() as tx:``: BEGIN ... COMMIT on one connection.
+
+        Rolled back if the block raises (``Rollback`` leaves it quietly). Nested in an
+        open transaction of this thread, it is a savepoint of that one.
+        ``isolation``: "read committed", "repeatable read" or "serializable".
+        """
+        return TransactionBlock(self.pool, isolation, read_only, self.slow_query_ms)
+
+    def run_in_transaction(
+        self,
+        fn: Callable[..., T],
+        /,
+        *args: Any,
+        policy: Optional[RetryPolicy] = None,
+        isolation: Optional[str] = None,
+        read_only: bool = False,
+        **kwargs: Any,
+    ) -> T:
+        """Run ``fn(tx, *args, **kwargs)`` in a transaction, re-running it on transient
+        errors (serialization failures, deadlocks, lost connections) raised before
+        COMMIT was sent; return what ``fn`` returns.
+
+        A connection lost during COMMIT raises ``CommitOutcomeUnknown`` and is not
+        re-run. Refuses to run inside an open transaction: a retry there could only
+        fail, since the open transaction is aborted by the first error.
+        """
+        if current_transaction(self.pool) is not None:
+            raise TransactionError(
+                "run_in_transaction() cannot run inside an open transaction: a retry "
+                "would run in the same, already aborted, transaction"
+            )
+
+        def attempt() -> T:
+            with self.transaction(isolation=isolation, read_only=read_only) as tx:
+                return fn(tx, *args, **kwargs)
+            return cast(T, None)  # fn raised Rollback
+
+        return (policy or self.transaction_policy).call(attempt)
+
+    def current_transaction(self) -> Optional[Transaction]:
+        """The transaction this thread has open on this pool, if any."""
+        return current_transaction(self.pool)
+
+    # ------------------------------------------------------------ state
+    def stats(self) -> Dict[str, Any]:
+        """The pool's numbers, the retries of every thread, and the top statements."""
+        return {
+            "pool": self.pool.stats(),
+            "retries": global_stats.snapshot(),
+            "queries": query_stats(),
+        }
+
