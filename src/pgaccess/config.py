@@ -1,14 +1,11 @@
-"""Settings: the DSN and pool settings, from arguments, then the environment, then defaults.
+"""Settings: DSN and pool settings from arguments, then the environment, then defaults.
 
-| setting            | argument             | environment                          | default        |
-| ------------------ | -------------------- | ------------------------------------ | -------------- |
-| DSN                | ``dsn=``             | ``PGACCESS_DSN``, then ``DATABASE_URL`` | libpq's own  |
-| pool size          | ``maxconn=``         | ``PGACCESS_POOL_SIZE``               | 2 x CPU cores  |
-| wait for a conn    | ``timeout=``         | ``PGACCESS_POOL_TIMEOUT``            | 30 s           |
-| statement timeout  | ``statement_timeout=`` | ``PGACCESS_STATEMENT_TIMEOUT`` (ms) | none          |
-| slow-query log     | ``slow_query_ms=``   | ``PGACCESS_SLOW_QUERY_MS``           | none           |
-
-An empty DSN means libpq's defaults (PGHOST, PGDATABASE, ... or the local socket), as psql.
+- DSN: ``dsn=``, then ``PGACCESS_DSN``, then ``DATABASE_URL``, then libpq's own
+  defaults (PGHOST, PGDATABASE, ... or the local socket), as psql.
+- pool size: ``maxconn=``, then ``PGACCESS_POOL_SIZE``, then 2 x CPU cores.
+- wait for a connection: ``timeout=``, then ``PGACCESS_POOL_TIMEOUT``, then 30 s.
+- statement timeout: ``statement_timeout=``, then ``PGACCESS_STATEMENT_TIMEOUT`` (ms).
+- slow-query log: ``slow_query_ms=``, then ``PGACCESS_SLOW_QUERY_MS``.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ T = TypeVar("T")
 
 
 def default_pool_size() -> int:
-    """Two connections per CPU core available to this process (its affinity, not the host's)."""
+    """Two connections per CPU core this process may use (its affinity)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -70,7 +67,7 @@ def redact_dsn(dsn: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """Resolved connection and pool settings; build one with :meth:`Settings.resolve`."""
+    """Resolved connection and pool settings; build one with ``Settings.resolve``."""
 
     dsn: str = ""
     maxconn: int = field(default_factory=default_pool_size)
@@ -91,13 +88,15 @@ class Settings:
     ) -> Settings:
         """Arguments first, then the environment, then defaults.
 
-        Raises ``ValueError`` naming the variable when an environment value is malformed.
+        Raises ``ValueError`` naming the variable when an environment value is bad.
         """
         env = os.environ if environ is None else environ
         if dsn is None:
             dsn = env.get("PGACCESS_DSN") or env.get("DATABASE_URL") or ""
         if maxconn is None:
-            maxconn = _env(env, "PGACCESS_POOL_SIZE", _positive_int, "a positive integer")
+            maxconn = _env(
+                env, "PGACCESS_POOL_SIZE", _positive_int, "a positive integer"
+            )
         if timeout is None:
             timeout = _env(
                 env, "PGACCESS_POOL_TIMEOUT", _non_negative_float, "a number of seconds"

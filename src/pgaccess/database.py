@@ -182,9 +182,12 @@ class Database(Operations):
             policy = table_policy(table)
             if policy is None or current_transaction(self.pool) is not None:
                 raise
-            if isinstance(exc, CommitOutcomeUnknown) and all(k in data for k in policy.key):
+            if isinstance(exc, CommitOutcomeUnknown) and all(
+                k in data for k in policy.key
+            ):
                 return policy.policy.call_after_failure(
-                    exc, lambda: self._insert_again(table, data, policy.key, returning, st)
+                    exc,
+                    lambda: self._insert_again(table, data, policy.key, returning, st),
                 )
             if is_transient(exc):  # nothing was sent: the plain insert is safe again
                 return policy.policy.call_after_failure(
@@ -206,7 +209,7 @@ class Database(Operations):
         if mismatched:
             raise UniqueViolation(
                 f"a row with the same {', '.join(key)} already exists in {table} with "
-                f"other values ({', '.join(mismatched)}); it was not written by this call",
+                f"other values ({', '.join(mismatched)}); this call did not write it",
                 sqlstate="23505",
                 statement=st.text,
             )
@@ -244,7 +247,8 @@ class Database(Operations):
         outcomes: it sets absolute values, so running it twice leaves the same state.
         """
         return self._write_idempotent(
-            table, lambda: Operations.update(self, table, data, where, all_rows=all_rows)
+            table,
+            lambda: Operations.update(self, table, data, where, all_rows=all_rows),
         )
 
     def delete(
@@ -318,4 +322,3 @@ class Database(Operations):
             "retries": global_stats.snapshot(),
             "queries": query_stats(),
         }
-

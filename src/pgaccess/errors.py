@@ -11,7 +11,7 @@ The hierarchy (the review checklist)::
     │   │   └── PoolClosed             the pool was closed
     │   ├── ConnectionFailed           could not connect (08xxx, 57P03, 53300)
     │   ├── ConnectionLost             the connection died while in use
-    │   │   └── CommitOutcomeUnknown   ... while a COMMIT or autocommit write was in flight
+    │   │   └── CommitOutcomeUnknown   ... while a COMMIT or autocommit write was sent
     │   ├── QueryCanceled              57014: statement_timeout or a cancel
     │   └── TransactionRollback        40xxx
     │       ├── SerializationFailure   40001
@@ -104,7 +104,9 @@ class DatabaseError(Exception):
         return (_rebuild, (type(self), self.args, self.__dict__))
 
 
-def _rebuild(cls: Type[DatabaseError], args: Any, state: Dict[str, Any]) -> DatabaseError:
+def _rebuild(
+    cls: Type[DatabaseError], args: Any, state: Dict[str, Any]
+) -> DatabaseError:
     err = cls.__new__(cls)
     err.args = args
     err.__dict__.update(state)
@@ -112,11 +114,11 @@ def _rebuild(cls: Type[DatabaseError], args: Any, state: Dict[str, Any]) -> Data
 
 
 class InvalidQuery(DatabaseError, ValueError):
-    """Bad input (a name, a where clause, an order_by, a limit) rejected before any SQL."""
+    """Bad input (a name, a where clause, an order_by, ...) rejected before any SQL."""
 
 
 class TransactionError(DatabaseError):
-    """A transaction used the wrong way: finished, on another thread, retried inside one."""
+    """A transaction used the wrong way: finished, or retried inside another."""
 
 
 class OperationalError(DatabaseError):
@@ -188,7 +190,7 @@ class CheckViolation(IntegrityError):
 
 
 class DataError(DatabaseError):
-    """22xxx: a value the column cannot take (wrong type, out of range, NUL byte, ...)."""
+    """22xxx: a value the column cannot take (wrong type, out of range, NUL, ...)."""
 
 
 class ProgrammingError(DatabaseError):

@@ -142,7 +142,9 @@ _FLOAT_WORDS = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
 
 def _copy_str(v: str) -> str:
     if "\x00" in v:
-        raise DataError("a string value contains a NUL (0x00) byte, which text cannot hold")
+        raise DataError(
+            "a string value contains a NUL (0x00) byte, which text cannot hold"
+        )
     return v.translate(_COPY_ESCAPE)
 
 
@@ -214,7 +216,9 @@ class Operations:
     ) -> Optional[Row]:
         """The first row matching ``where`` (ordered by ``order_by``), or None."""
         shape, params = q.where_shape(where)
-        cols = columns if columns is None or isinstance(columns, str) else tuple(columns)
+        cols = (
+            columns if columns is None or isinstance(columns, str) else tuple(columns)
+        )
         key = ("one", table, shape, cols, q.order_key(order_by))
         st = q._cache.get(key)
         if st is None:
@@ -230,7 +234,9 @@ class Operations:
         try:
             return self._read(st, params, ONE)  # type: ignore[no-any-return]
         except (UnknownColumn, UnknownTable) as exc:
-            raise self._explain(exc, table, _referenced(where, columns, order_by))
+            raise self._explain(
+                exc, table, _referenced(where, columns, order_by)
+            ) from exc.__cause__
 
     def find_many(
         self,
@@ -246,8 +252,18 @@ class Operations:
         shape, params = q.where_shape(where)
         limit = q.check_count(limit, "limit")
         offset = q.check_count(offset, "offset")
-        cols = columns if columns is None or isinstance(columns, str) else tuple(columns)
-        key = ("many", table, shape, cols, q.order_key(order_by), limit is None, offset is None)
+        cols = (
+            columns if columns is None or isinstance(columns, str) else tuple(columns)
+        )
+        key = (
+            "many",
+            table,
+            shape,
+            cols,
+            q.order_key(order_by),
+            limit is None,
+            offset is None,
+        )
         st = q._cache.get(key)
         if st is None:
             st = q.statement(
@@ -268,7 +284,9 @@ class Operations:
         try:
             return self._read(st, params, ROWS)  # type: ignore[no-any-return]
         except (UnknownColumn, UnknownTable) as exc:
-            raise self._explain(exc, table, _referenced(where, columns, order_by))
+            raise self._explain(
+                exc, table, _referenced(where, columns, order_by)
+            ) from exc.__cause__
 
     def count(self, table: str, where: Optional[Mapping[str, Any]] = None) -> int:
         """How many rows match ``where``."""
@@ -285,7 +303,7 @@ class Operations:
         try:
             return int(self._read(st, params, SCALAR))
         except (UnknownColumn, UnknownTable) as exc:
-            raise self._explain(exc, table, _referenced(where))
+            raise self._explain(exc, table, _referenced(where)) from exc.__cause__
 
     def exists(self, table: str, where: Optional[Mapping[str, Any]] = None) -> bool:
         """Whether any row matches ``where``."""
@@ -302,7 +320,7 @@ class Operations:
         try:
             return bool(self._read(st, params, SCALAR))
         except (UnknownColumn, UnknownTable) as exc:
-            raise self._explain(exc, table, _referenced(where))
+            raise self._explain(exc, table, _referenced(where)) from exc.__cause__
 
     # ---------------------------------------------------------- writes
     def insert(
@@ -310,7 +328,7 @@ class Operations:
         table: str,
         data: Mapping[str, Any],
         *,
-        returning: Union[None, str, Sequence[str]] = "id",
+        returning: Union[str, Sequence[str], None] = "id",
     ) -> Any:
         """Insert one row; return its ``id`` (or the ``returning`` column).
 
@@ -324,17 +342,23 @@ class Operations:
             if column not in data:  # before the first attempt, so a retry reuses it
                 data = {**data, column: make()}
         cols = _data_columns(data)
-        ret = returning if returning is None or isinstance(returning, str) else tuple(returning)
+        ret = (
+            returning
+            if returning is None or isinstance(returning, str)
+            else tuple(returning)
+        )
         key = ("insert", table, cols, ret)
         st = q._cache.get(key)
         if st is None:
             st = q.statement(key, lambda: _insert_sql(table, cols, returning))
         params = list(data.values())
-        mode = ROWCOUNT if returning is None else (SCALAR if _single(returning) else ONE)
+        mode = (
+            ROWCOUNT if returning is None else (SCALAR if _single(returning) else ONE)
+        )
         try:
             result = self._write(table, st, params, mode, data, returning)
         except (UnknownColumn, UnknownTable) as exc:
-            raise self._explain(exc, table, cols)
+            raise self._explain(exc, table, cols) from exc.__cause__
         return None if returning is None else result
 
     def _write(
@@ -346,7 +370,7 @@ class Operations:
         data: Mapping[str, Any],
         returning: Any,
     ) -> Any:
-        """Run an insert; ``Database`` overrides this with the per-table retry policy."""
+        """Run an insert; ``Database`` adds the per-table retry policy."""
         return self._run(st, params, mode, True)
 
     def insert_many(
@@ -392,7 +416,7 @@ class Operations:
                 try:
                     return self._call(run_copy, f"COPY {table}", True)
                 except (UnknownColumn, UnknownTable) as exc:
-                    raise self._explain(exc, table, cols)
+                    raise self._explain(exc, table, cols) from exc.__cause__
         ret = q.returning_sql(returning)
         stmt = sql.SQL("INSERT INTO {} ({}) VALUES %s{}").format(target, col_sql, ret)
 
@@ -407,9 +431,11 @@ class Operations:
             return ops._call(pages, f"INSERT INTO {table} ... VALUES", True)
 
         try:
-            return self._atomic(run_pages) if len(values) > page_size else run_pages(self)
+            return (
+                self._atomic(run_pages) if len(values) > page_size else run_pages(self)
+            )
         except (UnknownColumn, UnknownTable) as exc:
-            raise self._explain(exc, table, cols)
+            raise self._explain(exc, table, cols) from exc.__cause__
 
     def update(
         self,
@@ -444,7 +470,9 @@ class Operations:
         try:
             return int(self._run(st, [*data.values(), *where_params], ROWCOUNT, True))
         except (UnknownColumn, UnknownTable) as exc:
-            raise self._explain(exc, table, (*cols, *_referenced(where)))
+            raise self._explain(
+                exc, table, (*cols, *_referenced(where))
+            ) from exc.__cause__
 
     def delete(
         self,
@@ -471,7 +499,7 @@ class Operations:
         try:
             return int(self._run(st, params, ROWCOUNT, True))
         except (UnknownColumn, UnknownTable) as exc:
-            raise self._explain(exc, table, _referenced(where))
+            raise self._explain(exc, table, _referenced(where)) from exc.__cause__
 
     def upsert(
         self,
@@ -511,10 +539,12 @@ class Operations:
         try:
             return self._run(st, params, ONE, True)  # type: ignore[no-any-return]
         except (UnknownColumn, UnknownTable) as exc:
-            raise self._explain(exc, table, (*cols, *conflict))
+            raise self._explain(exc, table, (*cols, *conflict)) from exc.__cause__
 
     # ------------------------------------------------------------- raw
-    def execute(self, query: Union[str, sql.Composable], params: Params = None) -> List[Row]:
+    def execute(
+        self, query: Union[str, sql.Composable], params: Params = None
+    ) -> List[Row]:
         """Run one SQL statement with bound ``params``; return its rows as dicts.
 
         Statements without rows (INSERT without RETURNING, DDL) return ``[]``. Values
@@ -615,7 +645,9 @@ def _single(returning: Any) -> bool:
 
 def _data_columns(data: Any) -> Tuple[str, ...]:
     if not isinstance(data, Mapping):
-        raise InvalidQuery(f"data must be a dict of column -> value, got {type(data).__name__}")
+        raise InvalidQuery(
+            f"data must be a dict of column -> value, got {type(data).__name__}"
+        )
     return tuple(data)
 
 
@@ -643,7 +675,7 @@ def _referenced(
 
 
 def _insert_sql(
-    table: str, cols: Tuple[str, ...], returning: Union[None, str, Sequence[str]]
+    table: str, cols: Tuple[str, ...], returning: Union[str, Sequence[str], None]
 ) -> sql.Composable:
     target = q.table_identifier(table)
     if not cols:
@@ -696,13 +728,21 @@ def _raw_statement(query: Union[str, sql.Composable]) -> q.Statement:
         return q.statement(("raw", query), lambda: sql.SQL(query))
     if isinstance(query, sql.Composable):
         return q.Statement(query)
-    raise InvalidQuery(f"query must be a string or psycopg2.sql object, got {type(query).__name__}")
+    raise InvalidQuery(
+        f"query must be a string or psycopg2.sql object, got {type(query).__name__}"
+    )
 
 
 def _is_read(composed: sql.Composable) -> bool:
     if isinstance(composed, sql.SQL):
         head = composed.string.lstrip().split(None, 1)
-        return bool(head) and head[0].upper() in ("SELECT", "WITH", "VALUES", "SHOW", "TABLE")
+        return bool(head) and head[0].upper() in (
+            "SELECT",
+            "WITH",
+            "VALUES",
+            "SHOW",
+            "TABLE",
+        )
     return False
 
 

@@ -64,6 +64,13 @@ class PooledConnection(ext.connection):
         super().__init__(dsn, *args, **kwargs)
         self.created_at = self.last_used = time.monotonic()
         self.cursor_cache = None
+        # Registered once: polling a ready-made poll object costs a third of select().
+        self.poller = select.poll()
+        self.poller.register(self.fileno(), select.POLLIN)
+
+    def has_unread_data(self) -> bool:
+        """Whether the server sent something unasked (when idle: bad news)."""
+        return bool(self.poller.poll(0))
 
 
 class _Store(psycopg2.pool.ThreadedConnectionPool):
@@ -74,13 +81,12 @@ class _Store(psycopg2.pool.ThreadedConnectionPool):
     _used: Dict[int, PooledConnection]
     _rused: Dict[int, int]
     _lock: threading.Lock
+    _keys: int
     if TYPE_CHECKING:
 
         def _getkey(self) -> int: ...
         def _getconn(self, key: Any = None) -> PooledConnection: ...
-        def _putconn(
-            self, conn: Any, key: Any = None, close: bool = False
-        ) -> None: ...
+        def _putconn(self, conn: Any, key: Any = None, close: bool = False) -> None: ...
 
     def __init__(self, maxconn: int) -> None:
         super().__init__(0, maxconn)  # minconn 0: nothing is connected eagerly ...
@@ -88,8 +94,33 @@ class _Store(psycopg2.pool.ThreadedConnectionPool):
         # returned while len(_pool) >= minconn, which would make every return a close.
         self.minconn = maxconn
 
+    def take_idle(self) -> PooledConnection:
+        """Lend the most recently used idle connection (caller holds the lock).
+
+        What ``_getconn`` does when an idle connection exists, minus its re-checks.
+        """
+        conn = self._pool.pop()
+        self._keys += 1
+        self._used[self._keys] = conn
+        self._rused[id(conn)] = self._keys
+        return conn
+
+    def put_idle(self, conn: PooledConnection) -> bool:
+        """Take back a lent connection already found clean (caller holds the lock).
+
+        What ``_putconn`` does for a clean idle connection, without asking it for
+        its state again. False if the connection is not one of this store's (one
+        lent before a fork, returned in the child).
+        """
+        key = self._rused.pop(id(conn), None)
+        if key is None:
+            return False
+        del self._used[key]
+        self._pool.append(conn)
+        return True
+
     def adopt(self, conn: PooledConnection) -> None:
-        """Register a connection made outside the lock as in use (caller holds the lock)."""
+        """Register a connection made outside the lock as lent (lock held)."""
         key = self._getkey()
         self._used[key] = conn
         self._rused[id(conn)] = key
@@ -98,7 +129,7 @@ class _Store(psycopg2.pool.ThreadedConnectionPool):
 class _Waiter:
     """One caller waiting for a connection; woken alone, in arrival order."""
 
-    __slots__ = ("cond", "granted", "error")
+    __slots__ = ("cond", "error", "granted")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.cond = threading.Condition(lock)
@@ -107,7 +138,7 @@ class _Waiter:
 
 
 _names = itertools.count(1)
-_live_pools: "weakref.WeakSet[ConnectionPool]" = weakref.WeakSet()
+_live_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
 
 
 class ConnectionPool:
@@ -143,7 +174,10 @@ class ConnectionPool:
     ) -> None:
         if settings is None:
             settings = Settings.resolve(
-                dsn, maxconn=maxconn, timeout=timeout, statement_timeout=statement_timeout
+                dsn,
+                maxconn=maxconn,
+                timeout=timeout,
+                statement_timeout=statement_timeout,
             )
         self.settings = settings
         self.name = name or f"pool-{next(_names)}"
@@ -176,24 +210,20 @@ class ConnectionPool:
         self._lock: threading.Lock = self._store._lock
         self._waiters: Deque[_Waiter] = collections.deque()
         self._out = 0  # connections lent out, or being connected for a borrower
-        self._pid = os.getpid()
         self._ever_connected = False
         self._next_connect_at = 0.0
         self._connect_delay = self.RECONNECT_INITIAL_DELAY
         self._borrowers: Dict[int, Any] = {}
+        # Counters, changed under the lock (plain attributes: the cheapest to bump).
+        self._requests = self._requests_waiting = self._timeouts = 0
+        self._opened = self._discarded = self._lost = self._connect_errors = 0
+        self._returned_in_transaction = self._leaks_reported = 0
         self._wait_time = 0.0
-        self._counters: Dict[str, int] = dict.fromkeys(
-            (
-                "requests", "requests_waiting", "timeouts",
-                "connections_opened", "connections_discarded", "connections_lost",
-                "connect_errors", "returned_in_transaction", "leaks_reported",
-            ),
-            0,
-        )  # fmt: skip
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self._out}/{self.maxconn} in use"
-        return f"<ConnectionPool {self.name!r} {state} dsn={redact_dsn(self.settings.dsn)!r}>"
+        dsn = redact_dsn(self.settings.dsn)
+        return f"<ConnectionPool {self.name!r} {state} dsn={dsn!r}>"
 
     # ------------------------------------------------------------ checkout
     def acquire(self, timeout: Optional[float] = None) -> PooledConnection:
@@ -203,16 +233,38 @@ class ConnectionPool:
         until the pool is closed. Blocks up to ``timeout`` (default: the pool's) and
         raises ``PoolTimeout``, ``PoolClosed`` or ``ConnectionFailed``.
         """
-        if self._pid != os.getpid():
-            self._after_fork()
+        # The fast path: a free slot and an idle connection, one lock round trip.
+        conn: Optional[PooledConnection] = None
+        with self._lock:
+            if self._out < self.maxconn and not self._waiters and not self._closed:
+                store = self._store
+                if store._pool:
+                    self._out += 1
+                    self._requests += 1
+                    conn = store.take_idle()
+        if (
+            conn is not None
+            and not conn.poller.poll(0)
+            and time.monotonic() - conn.last_used < self.CHECK_IDLE_AFTER
+            and not conn.closed
+            and self.leak_threshold is None
+        ):
+            return conn
+        return self._acquire_slow(conn, timeout)
+
+    def _acquire_slow(
+        self, conn: Optional[PooledConnection], timeout: Optional[float]
+    ) -> PooledConnection:
         wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         while True:
-            conn = self._reserve(deadline, wait)
+            if conn is None:
+                conn = self._reserve(deadline, wait)
             if conn is not None:
                 if self._usable(conn):
                     break
                 self._discard(conn, lost=True)
+                conn = None
                 continue
             try:
                 conn = self._connect(deadline)
@@ -226,18 +278,18 @@ class ConnectionPool:
         return conn
 
     def _reserve(self, deadline: float, wait: float) -> Optional[PooledConnection]:
-        """Take a slot (waiting in line if none is free); return an idle conn, if any."""
+        """Take a slot, waiting in line if none is free; return an idle connection or
+        None (meaning: connect a new one for this slot)."""
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"the pool {self.name!r} is closed")
-            counters = self._counters
-            counters["requests"] += 1
+            self._requests += 1
             if self._out < self.maxconn and not self._waiters:
                 self._out += 1
             else:
                 self._wait_in_line(deadline, wait)
             store = self._store
-            return store._getconn() if store._pool else None
+            return store.take_idle() if store._pool else None
 
     def _wait_in_line(self, deadline: float, wait: float) -> None:
         # Caller holds the lock. The releaser hands its slot straight to the first
@@ -245,7 +297,7 @@ class ConnectionPool:
         waiter = _Waiter(self._lock)
         self._waiters.append(waiter)
         started = time.monotonic()
-        self._counters["requests_waiting"] += 1
+        self._requests_waiting += 1
         try:
             while not waiter.granted and waiter.error is None:
                 remaining = deadline - time.monotonic()
@@ -258,7 +310,7 @@ class ConnectionPool:
             raise waiter.error
         if not waiter.granted:
             self._waiters.remove(waiter)
-            self._counters["timeouts"] += 1
+            self._timeouts += 1
             raise PoolTimeout(
                 f"no connection free in the pool {self.name!r} after {wait:.3g} s: "
                 f"{self._out} of {self.maxconn} in use, "
@@ -292,7 +344,7 @@ class ConnectionPool:
             conn.autocommit = True
         except psycopg2.Error as exc:
             with self._lock:
-                self._counters["connect_errors"] += 1
+                self._connect_errors += 1
                 self._next_connect_at = time.monotonic() + self._connect_delay
                 self._connect_delay = min(
                     self._connect_delay * 2, self.RECONNECT_MAX_DELAY
@@ -309,7 +361,7 @@ class ConnectionPool:
             self._give_back_slot()
             return None
         with self._lock:
-            self._counters["connections_opened"] += 1
+            self._opened += 1
             self._ever_connected = True
             self._connect_delay = self.RECONNECT_INITIAL_DELAY
             self._next_connect_at = 0.0
@@ -322,9 +374,11 @@ class ConnectionPool:
             return False
         # An idle connection has nothing to read. If its socket is readable, the server
         # has said something unasked: almost always a FATAL before closing (terminate,
-        # shutdown) or EOF. A zero-timeout poll costs about a microsecond.
-        suspect = bool(select.select((conn,), (), (), 0)[0])
-        if suspect or time.monotonic() - conn.last_used > self.CHECK_IDLE_AFTER:
+        # shutdown) or EOF.
+        if (
+            conn.has_unread_data()
+            or time.monotonic() - conn.last_used > self.CHECK_IDLE_AFTER
+        ):
             try:
                 with conn.cursor() as cur:
                     cur.execute("SELECT 1")
@@ -340,12 +394,38 @@ class ConnectionPool:
         one that is broken, cannot be rolled back, or is older than ``max_lifetime``
         is closed and its slot freed for a new one.
         """
-        if self.leak_threshold is not None:
-            self._borrowers.pop(id(conn), None)
+        now = time.monotonic()
+        if (
+            conn.closed
+            or conn.get_transaction_status() != _STATUS_IDLE
+            or not conn.autocommit
+            or now - conn.created_at > self.max_lifetime
+            or self.leak_threshold is not None
+        ):
+            self._release_slow(conn)
+            return
+        conn.last_used = now
+        with self._lock:
+            if not self._closed and self._store.put_idle(conn):
+                if self._waiters:
+                    self._hand_over()
+                else:
+                    self._out -= 1
+                return
+        conn.close()
+
+    def _owns(self, conn: PooledConnection) -> bool:
+        # False for a connection borrowed before a fork and returned in the child: the
+        # child's pool started afresh and never counted it.
+        return id(conn) in self._store._rused
+
+    def _release_slow(self, conn: PooledConnection) -> None:
+        self._borrowers.pop(id(conn), None)
         if conn.closed:
             self._discard(conn, lost=True)
             return
         if conn.get_transaction_status() != _STATUS_IDLE or not conn.autocommit:
+            self._returned_in_transaction += 1
             if not self._clean(conn):
                 self._discard(conn, lost=bool(conn.closed))
                 return
@@ -355,18 +435,22 @@ class ConnectionPool:
             return
         conn.last_used = now
         with self._lock:
-            if self._closed or self._pid != os.getpid():
-                conn.close()
+            if not self._closed and self._store.put_idle(conn):
+                self._hand_over()
                 return
-            self._store._putconn(conn)
-            self._hand_over()
+        conn.close()
 
     def _clean(self, conn: PooledConnection) -> bool:
         """Roll back and restore the session defaults; False if that failed."""
-        self._counters["returned_in_transaction"] += 1
         try:
             if conn.get_transaction_status() != _STATUS_IDLE:
-                conn.rollback()
+                if conn.autocommit:
+                    # A transaction begun with an explicit BEGIN: psycopg2's rollback()
+                    # is a no-op in autocommit, so the ROLLBACK must be sent as SQL.
+                    with conn.cursor() as cur:
+                        cur.execute("ROLLBACK")
+                else:
+                    conn.rollback()
             conn.set_session(
                 isolation_level="DEFAULT", readonly="default", deferrable="default",
                 autocommit=True,
@@ -379,10 +463,10 @@ class ConnectionPool:
         with contextlib.suppress(psycopg2.Error):
             conn.close()  # outside the lock; a dead connection closes locally
         with self._lock:
-            self._counters["connections_discarded"] += 1
+            self._discarded += 1
             if lost:
-                self._counters["connections_lost"] += 1
-            if self._pid == os.getpid() and not self._closed:
+                self._lost += 1
+            if not self._closed and self._owns(conn):
                 self._store._putconn(conn, close=True)
                 self._hand_over()
 
@@ -402,7 +486,7 @@ class ConnectionPool:
     # -------------------------------------------------- context managers
     @contextlib.contextmanager
     def connection(self, timeout: Optional[float] = None) -> Iterator[PooledConnection]:
-        """Borrow a connection in autocommit for the block; it goes back whatever happens."""
+        """Borrow a connection in autocommit for the block; it goes back in any case."""
         conn = self.acquire(timeout)
         try:
             yield conn
@@ -441,15 +525,16 @@ class ConnectionPool:
 
     @contextlib.contextmanager
     def get_cursor(self, timeout: Optional[float] = None) -> Iterator[Any]:
-        """A cursor returning rows as dicts, in a transaction committed on a clean exit."""
-        with self.get_connection(timeout) as conn, conn.cursor(
-            cursor_factory=psycopg2.extras.RealDictCursor
-        ) as cur:
+        """A cursor giving rows as dicts, in a transaction committed on a clean exit."""
+        with (
+            self.get_connection(timeout) as conn,
+            conn.cursor(cursor_factory=psycopg2.extras.RealDictCursor) as cur,
+        ):
             yield cur
 
     # --------------------------------------------------------------- state
     def stats(self) -> Dict[str, Any]:
-        """Counters and gauges: size, in use, idle, waiting, requests, waits, timeouts."""
+        """Counters and gauges: size, in use, idle, waiting, requests, waits, ..."""
         with self._lock:
             idle = len(self._store._pool)
             out = self._out
@@ -461,8 +546,18 @@ class ConnectionPool:
                 "idle": idle,
                 "waiting": len(self._waiters),
             }
-            result.update(self._counters)
-            result["wait_time"] = self._wait_time
+            result.update(
+                requests=self._requests,
+                requests_waiting=self._requests_waiting,
+                wait_time=self._wait_time,
+                timeouts=self._timeouts,
+                connections_opened=self._opened,
+                connections_discarded=self._discarded,
+                connections_lost=self._lost,
+                connect_errors=self._connect_errors,
+                returned_in_transaction=self._returned_in_transaction,
+                leaks_reported=self._leaks_reported,
+            )
         return result
 
     @property
@@ -497,14 +592,14 @@ class ConnectionPool:
 
     # -------------------------------------------------------------- leaks
     def _watch_for_leak(self, conn: PooledConnection) -> None:
-        stack = "".join(traceback.format_stack(limit=12)[:-3])
+        stack = "".join(traceback.format_stack(limit=14)[:-4])
         token = object()
         self._borrowers[id(conn)] = token
         assert self.leak_threshold is not None
 
         def report() -> None:
             if self._borrowers.get(id(conn)) is token:
-                self._counters["leaks_reported"] += 1
+                self._leaks_reported += 1
                 logger.warning(
                     "a connection of the pool %r has been held for more than %.3g s; "
                     "borrowed at:\n%s",

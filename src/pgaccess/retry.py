@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
 import psycopg2
-import tenacity
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -53,8 +52,8 @@ from .errors import (
 __all__ = [
     "TABLE_POLICIES",
     "RetryPolicy",
-    "TablePolicy",
     "RetryStats",
+    "TablePolicy",
     "is_transient",
     "retrying",
     "with_retry",
@@ -173,7 +172,7 @@ class RetryPolicy:
         return wait
 
     def retrying(self, *, attempts: Optional[int] = None) -> Retrying:
-        """A tenacity ``Retrying`` for this policy (``attempts`` overrides the count)."""
+        """A tenacity ``Retrying`` for this policy (``attempts`` overrides it)."""
         stop: Any = stop_after_attempt(attempts or self.max_attempts)
         if self.max_time is not None:
             stop = stop | stop_after_delay(self.max_time)
@@ -204,7 +203,7 @@ class RetryPolicy:
         )  # fmt: skip
 
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)``, retrying per this policy; the last error propagates."""
+        """Run ``fn(*args, **kwargs)`` with retries; the last error is raised."""
         try:
             return self.retrying()(fn, *args, **kwargs)
         except BaseException as exc:
@@ -212,9 +211,7 @@ class RetryPolicy:
                 self.stats.record_give_up()
             raise
 
-    def call_after_failure(
-        self, first_error: BaseException, fn: Callable[[], T]
-    ) -> T:
+    def call_after_failure(self, first_error: BaseException, fn: Callable[[], T]) -> T:
         """Retry ``fn`` whose first attempt (made outside) failed with ``first_error``.
 
         Keeps tenacity out of the success path of the facade: it is entered only once
@@ -281,7 +278,6 @@ def retrying(
         return wrapper
 
     return decorate
-
 
 
 # ------------------------------------------------- the pipeline's tables

@@ -1,4 +1,4 @@
-"""The pipeline's schema (``schema.sql``, shipped in the package) and how to apply it."""
+"""The pipeline's schema (``schema.sql``, shipped in the package), and applying it."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ _LOCK_KEY = 0x70676163  # "pgac"
 
 def schema_sql() -> str:
     """The text of schema.sql as installed with the package."""
-    return resources.files("pgaccess").joinpath("schema.sql").read_text(encoding="utf-8")
+    return (
+        resources.files("pgaccess").joinpath("schema.sql").read_text(encoding="utf-8")
+    )
 
 
 def apply(target: Union[ConnectionPool, str]) -> None:
-    """Apply the schema to a pool's database or a DSN's; applying it twice is a no-op."""
+    """Apply the schema to a pool's or a DSN's database; twice is a no-op."""
     text = schema_sql()
     if isinstance(target, ConnectionPool):
         with target.connection() as conn:

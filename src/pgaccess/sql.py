@@ -1,4 +1,4 @@
-"""Statement building: validated identifiers, WHERE and ORDER BY, and the statement cache.
+"""Statement building: checked identifiers, WHERE and ORDER BY, the statement cache.
 
 No user-supplied string is ever formatted into SQL. Names are checked strictly (ASCII
 letters, digits and underscore, not starting with a digit, at most 63 bytes; a table
@@ -45,6 +45,7 @@ __all__ = [
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _IN_TYPES = (list, set, frozenset)
+_SPECIAL = (list, set, frozenset, tuple)
 
 # Operator conditions: {"score": (">", 0.5)}. The SQL on the right is fixed text.
 _OPERATORS: Dict[str, str] = {
@@ -63,6 +64,10 @@ _OPERATORS: Dict[str, str] = {
 }
 _IS_NULL = "{} IS NULL"
 _IS_NOT_NULL = "{} IS NOT NULL"
+# Marks a condition item of a where shape, ``(col, op, _COND)``; a bare item is an
+# equality on that key. A caller's own tuple key, such as ("status", "null"), can
+# never pass for a condition: it reaches ``identifier`` and is rejected as a name.
+_COND = object()
 
 
 def identifier(name: Any, what: str = "column") -> str:
@@ -73,7 +78,7 @@ def identifier(name: Any, what: str = "column") -> str:
         reason = (
             "longer than 63 bytes"
             if len(name.encode("utf-8", "replace")) > 63
-            else "only ASCII letters, digits and _ are allowed, not starting with a digit"
+            else "only ASCII letters, digits and _, not starting with a digit"
         )
         raise InvalidQuery(f"invalid {what} name {_show(name)}: {reason}")
     return name
@@ -93,7 +98,9 @@ def _show(name: str) -> str:
 
 
 # ------------------------------------------------------------------ WHERE
-def where_shape(where: Optional[Mapping[str, Any]]) -> Tuple[Tuple[Any, ...], List[Any]]:
+def where_shape(
+    where: Optional[Mapping[str, Any]],
+) -> Tuple[Tuple[Any, ...], List[Any]]:
     """The shape key of a where dict, and its parameter values in order.
 
     ``{"col": v}`` is equality; ``None`` is IS NULL; a list, set or frozenset is
@@ -103,13 +110,21 @@ def where_shape(where: Optional[Mapping[str, Any]]) -> Tuple[Tuple[Any, ...], Li
     """
     if not where:
         return (), []
-    if not isinstance(where, Mapping):
+    if type(where) is dict:
+        # The common case, plain equality: the shape is the tuple of keys.
+        values = list(where.values())
+        for value in values:
+            if value is None or isinstance(value, _SPECIAL):
+                break
+        else:
+            return tuple(where), values
+    elif not isinstance(where, Mapping):
         raise InvalidQuery(f"where must be a dict, got {type(where).__name__}")
     shape: List[Any] = []
     params: List[Any] = []
     for col, value in where.items():
         if value is None:
-            shape.append((col, "null"))
+            shape.append((col, "null", _COND))
         elif (
             isinstance(value, tuple)
             and len(value) == 2
@@ -118,16 +133,16 @@ def where_shape(where: Optional[Mapping[str, Any]]) -> Tuple[Tuple[Any, ...], Li
         ):
             op, operand = value
             if operand is None and op in ("=", "!=", "<>"):
-                shape.append((col, "null" if op == "=" else "notnull"))
+                shape.append((col, "null" if op == "=" else "notnull", _COND))
                 continue
             if op in ("in", "not in"):
                 operand = _as_list(col, operand)
             elif operand is None:
                 raise InvalidQuery(f"where[{col!r}]: {op!r} cannot compare with None")
-            shape.append((col, op))
+            shape.append((col, op, _COND))
             params.append(operand)
-        elif isinstance(value, _IN_TYPES) or isinstance(value, tuple):
-            shape.append((col, "in"))
+        elif isinstance(value, _SPECIAL):
+            shape.append((col, "in", _COND))
             params.append(_as_list(col, value))
         else:
             shape.append(col)
@@ -153,7 +168,10 @@ def compile_where(shape: Tuple[Any, ...]) -> sql.Composable:
         return sql.SQL("")
     parts = []
     for item in shape:
-        col, op = (item, "=") if isinstance(item, str) else item
+        if type(item) is tuple and len(item) == 3 and item[2] is _COND:
+            col, op = item[0], item[1]
+        else:  # an equality; identifier() rejects a key that is not a name
+            col, op = item, "="
         if op == "null":
             template = _IS_NULL
         elif op == "notnull":
@@ -183,7 +201,9 @@ def compile_order_by(order_by: OrderBy) -> sql.Composable:
         return sql.SQL("")
     terms = [order_by] if isinstance(order_by, str) else order_by
     if not isinstance(terms, (list, tuple)) or not terms:
-        raise InvalidQuery(f"order_by must be a string or a list of strings: {order_by!r}")
+        raise InvalidQuery(
+            f"order_by must be a string or a list of strings: {order_by!r}"
+        )
     parts = []
     for term in terms:
         if not isinstance(term, str):
@@ -222,8 +242,8 @@ def columns_sql(columns: Optional[Iterable[str]]) -> sql.Composable:
     return sql.SQL(", ").join(cols)
 
 
-def returning_sql(returning: Union[None, str, Sequence[str]]) -> sql.Composable:
-    """`` RETURNING ...`` for ``"*"``, a column, or a list of columns; empty for None."""
+def returning_sql(returning: Union[str, Sequence[str], None]) -> sql.Composable:
+    """`` RETURNING ...`` for ``"*"``, a column, or columns; empty for None."""
     if returning is None:
         return sql.SQL("")
     if returning == "*":

@@ -65,7 +65,9 @@ def begin_statement(isolation: Optional[str], read_only: bool) -> str:
     """BEGIN with the isolation level and access mode, from fixed words only."""
     parts = ["BEGIN"]
     if isolation is not None:
-        level = _ISOLATION.get(" ".join(str(isolation).replace("_", " ").lower().split()))
+        level = _ISOLATION.get(
+            " ".join(str(isolation).replace("_", " ").lower().split())
+        )
         if level is None:
             raise InvalidQuery(
                 f"isolation must be one of {sorted(_ISOLATION)}, got {isolation!r}"
@@ -97,7 +99,7 @@ class Rollback(Exception):
 
 
 class Savepoint:
-    """A savepoint of a transaction; as a context manager, undone if its block raises."""
+    """A savepoint; as a context manager, rolled back to if its block raises."""
 
     def __init__(self, tx: Transaction, name: str) -> None:
         self.tx = tx
@@ -163,7 +165,9 @@ class Transaction(Operations):
     # -------------------------------------------------------- executor
     def _check(self) -> None:
         if self.status is not TransactionStatus.ACTIVE:
-            raise TransactionError(f"the transaction is {self.status.value}; open a new one")
+            raise TransactionError(
+                f"the transaction is {self.status.value}; open a new one"
+            )
 
     def _dead(self) -> bool:
         return bool(self._conn.closed)
@@ -196,7 +200,16 @@ class Transaction(Operations):
         try:
             cur.execute(sent, params)
             result = FETCH[mode](cur)
-        except (psycopg2.Error, ValueError) as exc:
+        except BaseException as exc:
+            if begin is not None and (
+                self._conn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
+            ):
+                # BEGIN did not run either: a parse error fails the whole "BEGIN; ..."
+                # string, a value psycopg2 cannot adapt fails before sending. Keep
+                # BEGIN pending, or the block's next statements would autocommit.
+                self._pending_begin = begin
+            if not isinstance(exc, (psycopg2.Error, ValueError)):
+                raise
             record(text, _clock() - t0, True, None)
             raise translate(exc, text, connection=self._conn) from exc
         record(text, _clock() - t0, False, self._slow_ms)
@@ -240,13 +253,17 @@ class Transaction(Operations):
         """Undo everything done since savepoint ``name``; the savepoint stays set."""
         self._check()
         ident = sql.Identifier(q.identifier(name, "savepoint"))
-        self._exec(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(ident).as_string(self._cur), None)
+        self._exec(
+            sql.SQL("ROLLBACK TO SAVEPOINT {}").format(ident).as_string(self._cur), None
+        )
 
     def release_savepoint(self, name: str) -> None:
         """Forget savepoint ``name`` (and those after it), keeping their work."""
         self._check()
         ident = sql.Identifier(q.identifier(name, "savepoint"))
-        self._exec(sql.SQL("RELEASE SAVEPOINT {}").format(ident).as_string(self._cur), None)
+        self._exec(
+            sql.SQL("RELEASE SAVEPOINT {}").format(ident).as_string(self._cur), None
+        )
         if name in self._savepoints:
             del self._savepoints[self._savepoints.index(name) :]
 
@@ -286,7 +303,7 @@ class Transaction(Operations):
 
 
 class TransactionBlock:
-    """``with db.transaction() as tx``: a new transaction, or a savepoint in the open one."""
+    """``with db.transaction()``: a new transaction, or a savepoint of the open one."""
 
     def __init__(
         self,
@@ -338,4 +355,3 @@ class TransactionBlock:
             _local.__dict__["txs"].pop(self._pool, None)
             self._pool.release(tx._conn)
         return isinstance(exc, Rollback) and exc.transaction in (None, tx)
-

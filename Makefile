@@ -1,0 +1,45 @@
+# The README's commands. Each creates .venv and installs what it needs on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: test demo bench bench-quick lint soak clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.test: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.test
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.test
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+test: $(VENV)/.test          ## the test suite, 4 xdist workers
+	$(BIN)/pytest -n 4 -m "not slow" $(PYTEST_ARGS)
+
+demo: $(VENV)/.test          ## the pipeline demo on the embedded (or PGACCESS_DSN) server
+	$(BIN)/pgaccess demo $(DEMO_ARGS)
+
+bench: $(VENV)/.bench        ## pgaccess beside its peers, one run
+	$(BIN)/python benchmarks/compare.py $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.bench
+	$(BIN)/python benchmarks/compare.py --quick $(BENCH_ARGS)
+
+soak: $(VENV)/.test          ## the long reliability tests
+	$(BIN)/pytest -n 4 -m slow $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev           ## ruff and mypy --strict
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy --strict src
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pgaccess

@@ -1,0 +1,451 @@
+"""ConnectionPool against a real server: waiting, healing, hygiene, stats, fork."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Iterator, List
+
+import psycopg2
+import psycopg2.pool
+import pytest
+
+from pgaccess import (
+    ConnectionPool,
+    Database,
+    DatabaseError,
+    PoolClosed,
+    PoolTimeout,
+)
+from pgaccess import schema as pg_schema
+from pgaccess.config import Settings, default_pool_size, redact_dsn
+
+MakePool = Callable[..., ConnectionPool]
+
+
+@pytest.fixture
+def make_pool(pgaccess_dsn: str) -> Iterator[MakePool]:
+    pools: List[ConnectionPool] = []
+
+    def make(**kwargs: object) -> ConnectionPool:
+        pool = ConnectionPool(pgaccess_dsn, **kwargs)  # type: ignore[arg-type]
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()
+
+
+def backend_pid(pool: ConnectionPool) -> int:
+    with pool.connection() as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        return int(cur.fetchone()[0])
+
+
+def server_backends(dsn: str, application_name: str = "pgaccess") -> List[int]:
+    """Backend pids of this database's pgaccess sessions, as the server sees them."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = %s AND pid <> pg_backend_pid()",
+                (application_name,),
+            )
+            return [r[0] for r in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+# ----------------------------------------------------------------- waiting
+def test_16_threads_over_4_connections_all_succeed(make_pool: MakePool) -> None:
+    pool = make_pool(maxconn=4, timeout=30)
+    barrier = threading.Barrier(16)
+    errors: List[BaseException] = []
+    pids: set[int] = set()
+    lock = threading.Lock()
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            for i in range(200):
+                with pool.connection() as conn, conn.cursor() as cur:
+                    cur.execute("SELECT pg_backend_pid(), %s", (i,))
+                    pid, echoed = cur.fetchone()
+                    assert echoed == i
+                    with lock:
+                        pids.add(pid)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    stats = pool.stats()
+    assert stats["requests"] == 16 * 200
+    assert stats["requests_waiting"] > 0  # the pool was contended ...
+    assert stats["timeouts"] == 0
+    # ... yet never held more than its maximum, and never churned connections.
+    assert len(pids) <= 4
+    assert stats["connections_opened"] == len(pids)
+    assert stats["in_use"] == 0 and stats["size"] <= 4
+
+
+def test_waiter_times_out_within_20_percent(make_pool: MakePool) -> None:
+    pool = make_pool(maxconn=1, timeout=0.5)
+    held = pool.acquire()
+    try:
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout) as info:
+            pool.acquire()
+        waited = time.monotonic() - started
+    finally:
+        pool.release(held)
+    assert waited == pytest.approx(0.5, rel=0.2)
+    message = str(info.value)
+    assert pool.name in message and "1 of 1 in use" in message
+    assert pool.stats()["timeouts"] == 1
+    # The pool is fine afterwards.
+    assert backend_pid(pool) > 0
+
+
+def test_timeout_error_is_a_database_error_not_psycopg2_exhaustion(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool(maxconn=1, timeout=0.05)
+    with pool.connection(), pytest.raises(DatabaseError) as info:
+        pool.acquire()
+    assert not isinstance(info.value.__cause__, psycopg2.pool.PoolError)
+    assert "exhausted" not in str(info.value)
+
+
+def test_waiters_are_served_first_come_first_served(make_pool: MakePool) -> None:
+    pool = make_pool(maxconn=1, timeout=10)
+    held = pool.acquire()
+    order: List[int] = []
+    threads = []
+    for i in range(5):
+        t = threading.Thread(target=lambda i=i: _take_and_log(pool, i, order))
+        t.start()
+        threads.append(t)
+        # Line them up: wait until this one is queued before starting the next.
+        _wait_for(lambda n=i + 1: pool.stats()["waiting"] == n)
+    pool.release(held)
+    for t in threads:
+        t.join(timeout=10)
+    assert order == [0, 1, 2, 3, 4]
+
+
+def _take_and_log(pool: ConnectionPool, i: int, order: List[int]) -> None:
+    with pool.connection():
+        order.append(i)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
+def test_close_wakes_waiters_and_refuses_new_requests(make_pool: MakePool) -> None:
+    pool = make_pool(maxconn=1, timeout=10)
+    held = pool.acquire()
+    caught: List[BaseException] = []
+    t = threading.Thread(target=lambda: _catch(pool.acquire, caught))
+    t.start()
+    _wait_for(lambda: pool.stats()["waiting"] == 1)
+    pool.close()
+    t.join(timeout=5)
+    assert len(caught) == 1 and isinstance(caught[0], PoolClosed)
+    with pytest.raises(PoolClosed, match=pool.name):
+        pool.acquire()
+    pool.release(held)  # a late return after close is harmless
+    assert held.closed
+    pool.close()  # idempotent
+
+
+def _catch(fn: Callable[[], object], into: List[BaseException]) -> None:
+    try:
+        fn()
+    except BaseException as exc:
+        into.append(exc)
+
+
+# ------------------------------------------------------------------ healing
+def test_terminated_backends_are_replaced(
+    make_pool: MakePool, pgaccess_dsn: str
+) -> None:
+    pool = make_pool(maxconn=4)
+    conns = [pool.acquire() for _ in range(4)]
+    for conn in conns:
+        pool.release(conn)
+    before = server_backends(pgaccess_dsn)
+    assert len(before) == 4
+    admin = psycopg2.connect(pgaccess_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", (before,)
+        )
+    admin.close()
+    _wait_for(lambda: not set(before) & set(server_backends(pgaccess_dsn)))
+
+    db = Database(pool=pool, retry_reads=False)  # no retry: the pool itself must heal
+    for _ in range(20):
+        assert db.execute("SELECT 1 AS one") == [{"one": 1}]
+    stats = pool.stats()
+    assert stats["connections_lost"] >= 1
+    assert not set(before) & set(server_backends(pgaccess_dsn))
+
+
+def test_broken_connection_is_discarded_and_its_slot_freed(make_pool: MakePool) -> None:
+    pool = make_pool(maxconn=1, timeout=2)
+    with pool.connection() as conn:
+        pid_before = conn.get_backend_pid()
+        conn.autocommit = False
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")  # now inside a transaction
+        # Cut the socket under psycopg2: the rollback on return will fail.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, conn.fileno())
+        os.close(devnull)
+    # psycopg2's own pool would lose this slot for good (rollback raises in putconn);
+    # with a pool of one, the next checkout proves the slot came back.
+    assert backend_pid(pool) != pid_before
+    stats = pool.stats()
+    assert stats["in_use"] == 0
+    assert stats["connections_discarded"] == 1
+
+
+def test_returned_mid_transaction_comes_back_clean(make_pool: MakePool) -> None:
+    pool = make_pool(maxconn=1)
+    with pool.connection() as conn, conn.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute("CREATE TEMP TABLE leftover (x int)")
+        pid = conn.get_backend_pid()
+    with pool.connection() as conn, conn.cursor() as cur:
+        assert conn.get_backend_pid() == pid  # kept, not replaced
+        assert conn.autocommit
+        cur.execute("SELECT count(*) FROM pg_tables WHERE tablename = 'leftover'")
+        assert cur.fetchone()[0] == 0  # rolled back
+        assert (
+            conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        )
+    assert pool.stats()["returned_in_transaction"] == 1
+
+
+def test_changed_session_attributes_are_reset(make_pool: MakePool) -> None:
+    pool = make_pool(maxconn=1)
+    with pool.get_connection() as conn:
+        conn.set_session(readonly=True, isolation_level="SERIALIZABLE")
+    with pool.connection() as conn, conn.cursor() as cur:
+        cur.execute("SHOW transaction_read_only")
+        assert cur.fetchone()[0] == "off"
+        assert conn.isolation_level is None or conn.isolation_level == 1
+
+
+def test_connections_older_than_max_lifetime_are_replaced(make_pool: MakePool) -> None:
+    pool = make_pool(maxconn=1, max_lifetime=0.2)
+    first = backend_pid(pool)
+    time.sleep(0.25)
+    backend_pid(pool)  # returned past its lifetime: closed on return
+    assert backend_pid(pool) != first
+    assert pool.stats()["connections_discarded"] >= 1
+
+
+# --------------------------------------------------------------- the guide
+def test_get_cursor_commits_and_returns_dict_rows(
+    make_pool: MakePool, db: Database
+) -> None:
+    pool = make_pool(maxconn=2)
+    job_id = db.insert("video_job", {"src_hash": "p1", "input_path": "/p1"})
+    with pool.get_cursor() as cursor:
+        cursor.execute(
+            "UPDATE video_job SET status = %s WHERE id = %s", ("failed", job_id)
+        )
+        cursor.execute("SELECT status FROM video_job WHERE id = %s", (job_id,))
+        assert cursor.fetchone() == {"status": "failed"}
+    assert db.find_one("video_job", {"id": job_id})["status"] == "failed"
+
+
+def test_get_connection_rolls_back_on_exception(
+    make_pool: MakePool, db: Database
+) -> None:
+    pool = make_pool(maxconn=2)
+    with pytest.raises(RuntimeError), pool.get_connection() as conn:
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO video_job (src_hash, input_path) VALUES ('gone', '/g')"
+            )
+        raise RuntimeError("boom")
+    assert db.count("video_job", {"src_hash": "gone"}) == 0
+    assert pool.stats()["in_use"] == 0
+
+
+# -------------------------------------------------------------------- stats
+def test_stats_add_up(make_pool: MakePool) -> None:
+    pool = make_pool(maxconn=2, timeout=0.05)
+    a = pool.acquire()
+    b = pool.acquire()
+    stats = pool.stats()
+    assert (stats["in_use"], stats["idle"], stats["size"]) == (2, 0, 2)
+    with pytest.raises(PoolTimeout):
+        pool.acquire()
+    pool.release(a)
+    stats = pool.stats()
+    assert (stats["in_use"], stats["idle"], stats["size"]) == (1, 1, 2)
+    pool.release(b)
+    stats = pool.stats()
+    assert stats["requests"] == 3
+    assert stats["requests_waiting"] == 1 and stats["timeouts"] == 1
+    assert stats["wait_time"] == pytest.approx(0.05, abs=0.05)
+    assert stats["connections_opened"] == 2 and stats["idle"] == 2
+    assert stats["in_use"] + stats["idle"] == stats["size"] <= stats["maxconn"]
+
+
+# --------------------------------------------------------------------- fork
+def _child_query(pool: ConnectionPool, out: multiprocessing.Queue[object]) -> None:
+    try:
+        out.put(backend_pid(pool))
+    except BaseException as exc:
+        out.put(repr(exc))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_forked_child_gets_its_own_connections(make_pool: MakePool) -> None:
+    pool = make_pool(maxconn=2)
+    parent_pid = backend_pid(pool)  # an idle connection exists before the fork
+    ctx = multiprocessing.get_context("fork")
+    out: multiprocessing.Queue[object] = ctx.Queue()
+    child = ctx.Process(target=_child_query, args=(pool, out))
+    child.start()
+    child_backend = out.get(timeout=30)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert isinstance(child_backend, int) and child_backend != parent_pid
+    # The parent's connection survived the child (which never touched its socket).
+    assert backend_pid(pool) == parent_pid
+    assert pool.stats()["connections_lost"] == 0
+
+
+# ------------------------------------------------------------ configuration
+def test_default_size_is_twice_the_cores_available() -> None:
+    cores = (
+        len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count()
+    )
+    assert default_pool_size() == 2 * (cores or 1)
+    assert Settings.resolve(environ={}).maxconn == 2 * (cores or 1)
+
+
+def test_settings_come_from_arguments_then_environment() -> None:
+    env = {
+        "PGACCESS_DSN": "dbname=a",
+        "DATABASE_URL": "postgresql://b",
+        "PGACCESS_POOL_SIZE": "7",
+        "PGACCESS_POOL_TIMEOUT": "2.5",
+    }
+    s = Settings.resolve(environ=env)
+    assert (s.dsn, s.maxconn, s.timeout) == ("dbname=a", 7, 2.5)
+    s = Settings.resolve("dbname=c", maxconn=3, timeout=1, environ=env)
+    assert (s.dsn, s.maxconn, s.timeout) == ("dbname=c", 3, 1)
+    assert (
+        Settings.resolve(environ={"DATABASE_URL": "postgresql://b"}).dsn
+        == "postgresql://b"
+    )
+    with pytest.raises(ValueError, match="PGACCESS_POOL_SIZE"):
+        Settings.resolve(environ={"PGACCESS_POOL_SIZE": "zero"})
+
+
+def test_passwords_never_shown() -> None:
+    assert "hunter2" not in redact_dsn("postgresql://u:hunter2@h/db")
+    assert "hunter2" not in redact_dsn("host=h password=hunter2 dbname=x")
+    pool = ConnectionPool("postgresql://u:hunter2@127.0.0.1:1/db")
+    assert "hunter2" not in repr(pool)
+    pool.close()
+
+
+def test_import_never_connects() -> None:
+    # A DSN that cannot work: importing and building the facade must still succeed.
+    code = "import pgaccess; db = pgaccess.Database(); print(repr(pgaccess.db_pool))"
+    env = dict(os.environ, PGACCESS_DSN="host=127.0.0.1 port=1 connect_timeout=1")
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "not created" in out.stdout
+
+
+def test_first_connect_failure_is_immediate_and_clear() -> None:
+    pool = ConnectionPool("host=127.0.0.1 port=1 connect_timeout=2", timeout=10)
+    started = time.monotonic()
+    with pytest.raises(DatabaseError, match="could not connect"):
+        pool.acquire()
+    assert time.monotonic() - started < 5  # not the whole 10 s timeout
+    pool.close()
+
+
+# ------------------------------------------------------------------- schema
+def test_schema_applies_twice(pgaccess_server: object, pgaccess_dsn: str) -> None:
+    pg_schema.apply(pgaccess_dsn)
+    pg_schema.apply(pgaccess_dsn)
+    conn = psycopg2.connect(pgaccess_dsn)
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name IN "
+            "('video_job', 'highlight', 'processing_metrics')"
+        )
+        assert cur.fetchone()[0] == 3
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("table", "row"),
+    [
+        ("video_job", {"src_hash": "s", "status": "bogus"}),
+        ("video_job", {"input_path": "/no-hash"}),
+        ("video_job", {"src_hash": "s", "max_attempts": 0}),
+        ("highlight", {"job_id": 999, "start_time": 1, "end_time": 2, "score": 1}),
+        ("processing_metrics", {"stage": "s", "duration_ms": -1}),
+    ],
+)
+def test_schema_constraints_reject_bad_rows(
+    db: Database, table: str, row: dict
+) -> None:
+    from pgaccess import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        db.insert(table, row)
+    assert db.count(table) == 0
+
+
+def test_highlight_span_must_be_positive(db: Database) -> None:
+    from pgaccess import CheckViolation
+
+    job = db.insert("video_job", {"src_hash": "h", "input_path": "/h"})
+    with pytest.raises(CheckViolation):
+        db.insert(
+            "highlight", {"job_id": job, "start_time": 5, "end_time": 5, "score": 1}
+        )
+    assert db.count("highlight") == 0
+
+
+def test_schema_ships_inside_the_package() -> None:
+    text = pg_schema.schema_sql()
+    assert "CREATE TABLE IF NOT EXISTS video_job" in text
