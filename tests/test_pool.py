@@ -186,11 +186,12 @@ def _catch(fn: Callable[[], object], into: List[BaseException]) -> None:
 def test_terminated_backends_are_replaced(
     make_pool: MakePool, pgaccess_dsn: str
 ) -> None:
-    pool = make_pool(maxconn=4)
+    app = f"pgaccess-terminate-{os.getpid()}"
+    pool = make_pool(maxconn=4, application_name=app)
     conns = [pool.acquire() for _ in range(4)]
     for conn in conns:
         pool.release(conn)
-    before = server_backends(pgaccess_dsn)
+    before = server_backends(pgaccess_dsn, app)
     assert len(before) == 4
     admin = psycopg2.connect(pgaccess_dsn)
     admin.autocommit = True
@@ -199,14 +200,15 @@ def test_terminated_backends_are_replaced(
             "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", (before,)
         )
     admin.close()
-    _wait_for(lambda: not set(before) & set(server_backends(pgaccess_dsn)))
+    _wait_for(lambda: not server_backends(pgaccess_dsn, app))
 
     db = Database(pool=pool, retry_reads=False)  # no retry: the pool itself must heal
     for _ in range(20):
         assert db.execute("SELECT 1 AS one") == [{"one": 1}]
     stats = pool.stats()
     assert stats["connections_lost"] >= 1
-    assert not set(before) & set(server_backends(pgaccess_dsn))
+    after = server_backends(pgaccess_dsn, app)
+    assert after and not set(before) & set(after)
 
 
 def test_broken_connection_is_discarded_and_its_slot_freed(make_pool: MakePool) -> None:
