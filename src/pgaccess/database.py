@@ -33,6 +33,7 @@ from .retry import (
     table_policy,
 )
 from .transaction import Transaction, TransactionBlock, current_transaction
+from .transaction import _local as _open
 
 __all__ = ["Database"]
 
@@ -105,9 +106,11 @@ class Database(Operations):
     # -------------------------------------------------------- executor
     def _run(self, st: q.Statement, params: Params, mode: int, write: bool) -> Any:
         pool = self._pool or self.pool
-        tx = current_transaction(pool)
-        if tx is not None:
-            return tx._run(st, params, mode, write)
+        txs = _open.__dict__.get("txs")  # current_transaction(), inlined: hot path
+        if txs:
+            tx = txs.get(pool)
+            if tx is not None:
+                return tx._run(st, params, mode, write)
         conn = pool.acquire()
         try:
             cur = conn.cursor_cache
