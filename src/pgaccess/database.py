@@ -13,6 +13,7 @@ from time import perf_counter
 from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar, cast
 
 import psycopg2
+from psycopg2 import sql
 
 from . import sql as q
 from .config import Settings
@@ -23,7 +24,7 @@ from .errors import (
     UniqueViolation,
     translate,
 )
-from .operations import FETCH, Operations, Params, query_stats, record
+from .operations import FETCH, SCALAR, Operations, Params, query_stats, record
 from .pool import ConnectionPool, default_pool
 from .retry import (
     RetryPolicy,
@@ -208,11 +209,10 @@ class Database(Operations):
     ) -> Any:
         """Re-run an insert whose first outcome is unknown, without writing twice."""
         row = self.upsert(table, data, conflict=key, update=())
-        mismatched = [c for c, v in data.items() if row.get(c) != v]
-        if mismatched:
+        if not self._holds(table, key, data):
             raise UniqueViolation(
-                f"a row with the same {', '.join(key)} already exists in {table} with "
-                f"other values ({', '.join(mismatched)}); this call did not write it",
+                f"a row with the same {', '.join(key)} already exists in {table} "
+                "with other values; this call did not write it",
                 sqlstate="23505",
                 statement=st.text,
             )
@@ -221,6 +221,27 @@ class Database(Operations):
         if isinstance(returning, str):
             return row[returning]
         return {c: row[c] for c in returning}
+
+    def _holds(self, table: str, key: Any, data: Mapping[str, Any]) -> bool:
+        """Whether the row with ``data``'s key holds exactly ``data``'s values.
+
+        Compared by the server, with the same casts the insert applied (a naive
+        datetime into timestamptz, NaN, JSON), not by Python equality of what
+        comes back.
+        """
+        cols = tuple(data)
+        composed = sql.SQL(
+            "SELECT ROW({}) IS NOT DISTINCT FROM ROW({}) FROM {} WHERE ({}) = ({})"
+        ).format(
+            sql.SQL(", ").join(sql.Identifier(q.identifier(c)) for c in cols),
+            sql.SQL(", ").join(sql.Placeholder() * len(cols)),
+            q.table_identifier(table),
+            sql.SQL(", ").join(sql.Identifier(q.identifier(c)) for c in key),
+            sql.SQL(", ").join(sql.Placeholder() * len(key)),
+        )
+        st = q.statement(("holds", table, cols, tuple(key)), lambda: composed)
+        params = [*data.values(), *(data[c] for c in key)]
+        return bool(self._run(st, params, SCALAR, False))
 
     def _write_idempotent(self, table: str, run: Callable[[], T]) -> T:
         try:

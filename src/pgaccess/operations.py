@@ -219,7 +219,9 @@ class Operations:
         """The first row matching ``where`` (ordered by ``order_by``), or None."""
         shape, params = q.where_shape(where)
         cols = (
-            columns if columns is None or isinstance(columns, str) else tuple(columns)
+            columns
+            if columns is None or isinstance(columns, str)
+            else _names_key(columns)
         )
         key = ("one", table, shape, cols, q.order_key(order_by))
         st = q._cache.get(key)
@@ -255,7 +257,9 @@ class Operations:
         limit = q.check_count(limit, "limit")
         offset = q.check_count(offset, "offset")
         cols = (
-            columns if columns is None or isinstance(columns, str) else tuple(columns)
+            columns
+            if columns is None or isinstance(columns, str)
+            else _names_key(columns)
         )
         key = (
             "many",
@@ -344,11 +348,7 @@ class Operations:
             if column not in data:  # before the first attempt, so a retry reuses it
                 data = {**data, column: make()}
         cols = _data_columns(data)
-        ret = (
-            returning
-            if returning is None or isinstance(returning, str)
-            else tuple(returning)
-        )
+        ret = _names_key(returning)
         key = ("insert", table, cols, ret)
         st = q._cache.get(key)
         if st is None:
@@ -405,7 +405,7 @@ class Operations:
                 )
             values.append([row[c] for c in cols])
         target = q.table_identifier(table)
-        col_sql = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
+        col_sql = sql.SQL(", ").join(sql.Identifier(q.identifier(c)) for c in cols)
         if returning is None:
             buffer = _copy_buffer(values)
             if buffer is not None:
@@ -464,7 +464,8 @@ class Operations:
                 lambda: sql.SQL("UPDATE {} SET {}{}").format(
                     q.table_identifier(table),
                     sql.SQL(", ").join(
-                        sql.SQL("{} = %s").format(sql.Identifier(c)) for c in cols
+                        sql.SQL("{} = %s").format(sql.Identifier(q.identifier(c)))
+                        for c in cols
                     ),
                     q.compile_where(shape),
                 ),
@@ -735,12 +736,22 @@ def _raw_statement(query: Union[str, sql.Composable]) -> q.Statement:
     )
 
 
+def _names_key(names: Any) -> Any:
+    """Names (None, one, or a list) as a hashable cache-key part, or InvalidQuery."""
+    if names is None or isinstance(names, str):
+        return names
+    if not isinstance(names, (list, tuple)):
+        raise InvalidQuery(f"expected a column name or a list of them, got {names!r}")
+    return tuple(names)
+
+
 def _is_read(composed: sql.Composable) -> bool:
+    # Only statements that cannot write: a WITH may hold an INSERT, UPDATE or DELETE,
+    # and re-running one of those after a lost reply would write twice.
     if isinstance(composed, sql.SQL):
         head = composed.string.lstrip().split(None, 1)
         return bool(head) and head[0].upper() in (
             "SELECT",
-            "WITH",
             "VALUES",
             "SHOW",
             "TABLE",

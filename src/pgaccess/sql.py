@@ -236,6 +236,8 @@ def columns_sql(columns: Optional[Iterable[str]]) -> sql.Composable:
         return sql.SQL("*")
     if isinstance(columns, str):
         columns = [columns]
+    elif not hasattr(columns, "__iter__"):  # 5, True: not a name, not a list
+        raise InvalidQuery(f"columns must be a name or a list of names: {columns!r}")
     cols = [sql.Identifier(identifier(c)) for c in columns]
     if not cols:
         raise InvalidQuery("columns must name at least one column")

@@ -125,7 +125,10 @@ class Savepoint:
                 logger.warning(
                     "could not roll back to savepoint %r", self.name, exc_info=True
                 )
-        return isinstance(exc, Rollback) and exc.transaction in (None, self.tx)
+        # Only a bare Rollback() stops here. Rollback(tx) names the transaction, whose
+        # own block must end (rolled back) even when raised inside a savepoint block
+        # or a nested db.transaction() (which yields the same tx).
+        return isinstance(exc, Rollback) and exc.transaction is None
 
 
 class Transaction(Operations):
