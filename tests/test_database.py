@@ -16,6 +16,7 @@ import psycopg2
 import psycopg2.extras
 import pytest
 from psycopg2 import sql
+from support.raw import Raw
 
 import pgaccess
 from pgaccess import Database, DataError, InvalidQuery
@@ -33,42 +34,6 @@ JOBS = [
     ("f", "queued", 3, "/v/f.mkv", 0),
     ("g", "cancelled", -1, "/w/g.mp4", 6),
 ]
-
-
-class Raw:
-    """An independent psycopg2 connection (autocommit) to check what pgaccess did."""
-
-    def __init__(self, dsn: str) -> None:
-        self.conn = psycopg2.connect(dsn)
-        self.conn.autocommit = True
-
-    def rows(self, query: Any, params: Any = None) -> List[tuple]:
-        with self.conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description is not None else []
-
-    def one(self, query: Any, params: Any = None) -> Any:
-        rows = self.rows(query, params)
-        assert len(rows) == 1, rows
-        return rows[0][0]
-
-    def column(self, query: Any, params: Any = None) -> List[Any]:
-        return [r[0] for r in self.rows(query, params)]
-
-    def fingerprint(self, table: str = "video_job") -> Any:
-        """Every row of ``table``, as text, in id order (catches any change)."""
-        return self.one(
-            sql.SQL(
-                "SELECT coalesce(string_agg(t::text, '|' ORDER BY t.id), '') FROM {} t"
-            ).format(sql.Identifier(table))
-        )
-
-
-@pytest.fixture(scope="module")
-def raw(pgaccess_dsn: str) -> Iterator[Raw]:
-    r = Raw(pgaccess_dsn)
-    yield r
-    r.conn.close()
 
 
 @pytest.fixture

@@ -6,11 +6,12 @@ import inspect
 import pickle
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Type
+from typing import Any, Callable, Dict, List, Type
 
 import psycopg2
 import psycopg2.errors
 import pytest
+from support.raw import Raw
 
 import pgaccess
 import pgaccess.errors
@@ -38,29 +39,6 @@ from pgaccess import (
 
 # A value that must never appear in a statement: statements carry placeholders only.
 SECRET = "SECRET-VALUE-7f3a9c"
-
-
-class Raw:
-    def __init__(self, dsn: str) -> None:
-        self.conn = psycopg2.connect(dsn)
-        self.conn.autocommit = True
-
-    def rows(self, query: str, params: Any = None) -> List[tuple]:
-        with self.conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description is not None else []
-
-    def one(self, query: str, params: Any = None) -> Any:
-        rows = self.rows(query, params)
-        assert len(rows) == 1, rows
-        return rows[0][0]
-
-
-@pytest.fixture(scope="module")
-def raw(pgaccess_dsn: str) -> Iterator[Raw]:
-    r = Raw(pgaccess_dsn)
-    yield r
-    r.conn.close()
 
 
 def check(

@@ -14,10 +14,11 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterator, List
+from typing import List
 
 import psycopg2
 import pytest
+from support.raw import Raw
 
 from pgaccess import Database, DatabaseError, db_pool, with_retry
 
@@ -26,31 +27,6 @@ from pgaccess import Database, DatabaseError, db_pool, with_retry
 pytestmark = pytest.mark.usefixtures("db")
 
 BASE = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
-
-
-class Raw:
-    """An independent psycopg2 connection (autocommit): the facts, counted apart."""
-
-    def __init__(self, dsn: str) -> None:
-        self.conn = psycopg2.connect(dsn)
-        self.conn.autocommit = True
-
-    def rows(self, query: str, params: Any = None) -> List[tuple]:
-        with self.conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description is not None else []
-
-    def one(self, query: str, params: Any = None) -> Any:
-        rows = self.rows(query, params)
-        assert len(rows) == 1, rows
-        return rows[0][0]
-
-
-@pytest.fixture(scope="module")
-def raw(pgaccess_dsn: str) -> Iterator[Raw]:
-    r = Raw(pgaccess_dsn)
-    yield r
-    r.conn.close()
 
 
 def seed_jobs(raw: Raw, status: str, n: int, prefix: str) -> List[int]:

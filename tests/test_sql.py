@@ -10,62 +10,19 @@ from __future__ import annotations
 import contextlib
 import re
 from decimal import Decimal
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
-import psycopg2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg2 import sql
+from support.raw import Raw
 
 from pgaccess import Database, InvalidQuery, UnknownColumn, UnknownTable
 
 # The documented rule for a name (sql.py): ASCII letter or _, then letters, digits, _;
 # at most 63 bytes. A table may be schema.name.
 VALID_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-
-
-class Raw:
-    """An independent psycopg2 connection (autocommit)."""
-
-    def __init__(self, dsn: str) -> None:
-        self.conn = psycopg2.connect(dsn)
-        self.conn.autocommit = True
-
-    def rows(self, query: Any, params: Any = None) -> List[tuple]:
-        with self.conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description is not None else []
-
-    def one(self, query: Any, params: Any = None) -> Any:
-        rows = self.rows(query, params)
-        assert len(rows) == 1, rows
-        return rows[0][0]
-
-    def snapshot(self) -> Tuple[Any, ...]:
-        """The table list, and every row of the pipeline's tables."""
-        tables = self.rows(
-            "SELECT schemaname, tablename FROM pg_tables "
-            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') "
-            "ORDER BY 1, 2"
-        )
-        contents = tuple(
-            self.one(
-                sql.SQL(
-                    "SELECT count(*)::text || ':' || "
-                    "coalesce(string_agg(t::text, '|' ORDER BY t.id), '') FROM {} t"
-                ).format(sql.Identifier(t))
-            )
-            for t in ("video_job", "highlight", "processing_metrics")
-        )
-        return (tuple(tables), contents)
-
-
-@pytest.fixture(scope="module")
-def raw(pgaccess_dsn: str) -> Iterator[Raw]:
-    r = Raw(pgaccess_dsn)
-    yield r
-    r.conn.close()
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator
 
-import psycopg2
 import psycopg2.extensions as ext
 import pytest
+from support.raw import Raw
 
 from pgaccess import (
     CommitOutcomeUnknown,
@@ -28,34 +28,6 @@ from pgaccess import (
     TransactionStatus,
     UniqueViolation,
 )
-
-
-class Raw:
-    """An independent psycopg2 connection (autocommit): what others can see."""
-
-    def __init__(self, dsn: str) -> None:
-        self.conn = psycopg2.connect(dsn)
-        self.conn.autocommit = True
-
-    def rows(self, query: str, params: Any = None) -> List[tuple]:
-        with self.conn.cursor() as cur:
-            cur.execute(query, params)
-            return cur.fetchall() if cur.description is not None else []
-
-    def one(self, query: str, params: Any = None) -> Any:
-        rows = self.rows(query, params)
-        assert len(rows) == 1, rows
-        return rows[0][0]
-
-    def hashes(self) -> List[str]:
-        return [r[0] for r in self.rows("SELECT src_hash FROM video_job ORDER BY id")]
-
-
-@pytest.fixture(scope="module")
-def raw(pgaccess_dsn: str) -> Iterator[Raw]:
-    r = Raw(pgaccess_dsn)
-    yield r
-    r.conn.close()
 
 
 @pytest.fixture

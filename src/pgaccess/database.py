@@ -9,6 +9,7 @@ the open transaction instead.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from time import perf_counter
 from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar, cast
 
@@ -184,20 +185,20 @@ class Database(Operations):
             return self._run(st, params, mode, True)
         except DatabaseError as exc:
             policy = table_policy(table)
-            if policy is None or current_transaction(self.pool) is not None:
-                raise
-            if isinstance(exc, CommitOutcomeUnknown) and all(
-                k in data for k in policy.key
+            if (
+                policy is None
+                or current_transaction(self.pool) is not None
+                or not is_transient_or_unknown(exc)
+                or not all(k in data for k in policy.key)
             ):
-                return policy.policy.call_after_failure(
-                    exc,
-                    lambda: self._insert_again(table, data, policy.key, returning, st),
-                )
-            if is_transient(exc):  # nothing was sent: the plain insert is safe again
-                return policy.policy.call_after_failure(
-                    exc, lambda: self._run(st, params, mode, True)
-                )
-            raise
+                raise
+            # Every further attempt is the idempotent form, whatever the first error
+            # was: any of them may itself lose its reply after it landed.
+            return replace(
+                policy.policy, retry_on=is_transient_or_unknown
+            ).call_after_failure(
+                exc, lambda: self._insert_again(table, data, policy.key, returning, st)
+            )
 
     def _insert_again(
         self,
@@ -243,9 +244,12 @@ class Database(Operations):
         params = [*data.values(), *(data[c] for c in key)]
         return bool(self._run(st, params, SCALAR, False))
 
-    def _write_idempotent(self, table: str, run: Callable[[], T]) -> T:
+    def _idempotent_write(self, table: str, st: q.Statement, params: List[Any]) -> int:
+        # The facade's updates set absolute values and deletes are idempotent, so on
+        # the pipeline's tables one is re-run after a transient error or an unknown
+        # outcome: running it twice leaves the same state (its count may differ).
         try:
-            return run()
+            return Operations._idempotent_write(self, table, st, params)
         except DatabaseError as exc:
             policy = table_policy(table)
             if (
@@ -254,42 +258,29 @@ class Database(Operations):
                 or not is_transient_or_unknown(exc)
             ):
                 raise
-            return policy.policy.call_after_failure(exc, run)
+            unknown = isinstance(exc, CommitOutcomeUnknown)
+            first = exc
 
-    def update(
-        self,
-        table: str,
-        data: Mapping[str, Any],
-        where: Optional[Mapping[str, Any]] = None,
-        *,
-        all_rows: bool = False,
-    ) -> int:
-        """Set ``data`` on the rows matching ``where``; return how many changed.
+            def again() -> int:
+                nonlocal unknown
+                try:
+                    count = Operations._idempotent_write(self, table, st, params)
+                except CommitOutcomeUnknown:
+                    unknown = True
+                    raise
+                if count == 0 and unknown:
+                    # The earlier attempt may have changed these rows already: "0"
+                    # would tell the caller it changed nothing, which may be false.
+                    raise CommitOutcomeUnknown(
+                        "the connection was lost while this write was in flight, and "
+                        "running it again matched no rows: the first attempt may or "
+                        "may not have applied it",
+                        statement=st.text,
+                    ) from first
+                return count
 
-        An empty or missing ``where`` raises ``InvalidQuery`` unless ``all_rows=True``.
-        On the pipeline's tables it is retried on transient errors and unknown
-        outcomes: it sets absolute values, so running it twice leaves the same state.
-        """
-        return self._write_idempotent(
-            table,
-            lambda: Operations.update(self, table, data, where, all_rows=all_rows),
-        )
-
-    def delete(
-        self,
-        table: str,
-        where: Optional[Mapping[str, Any]] = None,
-        *,
-        all_rows: bool = False,
-    ) -> int:
-        """Delete the rows matching ``where``; return how many.
-
-        An empty or missing ``where`` raises ``InvalidQuery`` unless ``all_rows=True``.
-        Retried on the pipeline's tables like ``update``: a delete is idempotent.
-        """
-        return self._write_idempotent(
-            table, lambda: Operations.delete(self, table, where, all_rows=all_rows)
-        )
+            retry = replace(policy.policy, retry_on=is_transient_or_unknown)
+            return retry.call_after_failure(exc, again)
 
     # ---------------------------------------------------- transactions
     def transaction(

@@ -33,7 +33,14 @@ import psycopg2.extras
 from psycopg2 import sql
 
 from . import sql as q
-from .errors import DataError, InvalidQuery, UnknownColumn, UnknownTable, suggest
+from .errors import (
+    DataError,
+    InvalidQuery,
+    SerializationFailure,
+    UnknownColumn,
+    UnknownTable,
+    suggest,
+)
 from .retry import table_policy
 
 __all__ = ["Operations", "Row"]
@@ -296,35 +303,28 @@ class Operations:
 
     def count(self, table: str, where: Optional[Mapping[str, Any]] = None) -> int:
         """How many rows match ``where``."""
-        shape, params = q.where_shape(where)
-        key = ("count", table, shape)
-        st = q._cache.get(key)
-        if st is None:
-            st = q.statement(
-                key,
-                lambda: sql.SQL("SELECT count(*) FROM {}{}").format(
-                    q.table_identifier(table), q.compile_where(shape)
-                ),
-            )
-        try:
-            return int(self._read(st, params, SCALAR))
-        except (UnknownColumn, UnknownTable) as exc:
-            raise self._explain(exc, table, _referenced(where)) from exc.__cause__
+        return int(self._scalar("SELECT count(*) FROM {}{}", table, where))
 
     def exists(self, table: str, where: Optional[Mapping[str, Any]] = None) -> bool:
         """Whether any row matches ``where``."""
+        return bool(self._scalar("SELECT EXISTS (SELECT 1 FROM {}{})", table, where))
+
+    def _scalar(
+        self, template: str, table: str, where: Optional[Mapping[str, Any]]
+    ) -> Any:
+        """The one value of a read over ``table`` filtered by ``where``."""
         shape, params = q.where_shape(where)
-        key = ("exists", table, shape)
+        key = (template, table, shape)
         st = q._cache.get(key)
         if st is None:
             st = q.statement(
                 key,
-                lambda: sql.SQL("SELECT EXISTS (SELECT 1 FROM {}{})").format(
+                lambda: sql.SQL(template).format(
                     q.table_identifier(table), q.compile_where(shape)
                 ),
             )
         try:
-            return bool(self._read(st, params, SCALAR))
+            return self._read(st, params, SCALAR)
         except (UnknownColumn, UnknownTable) as exc:
             raise self._explain(exc, table, _referenced(where)) from exc.__cause__
 
@@ -374,6 +374,10 @@ class Operations:
     ) -> Any:
         """Run an insert; ``Database`` adds the per-table retry policy."""
         return self._run(st, params, mode, True)
+
+    def _idempotent_write(self, table: str, st: q.Statement, params: List[Any]) -> int:
+        """Run an update or delete; ``Database`` adds the per-table retry policy."""
+        return int(self._run(st, params, ROWCOUNT, True))
 
     def insert_many(
         self,
@@ -471,7 +475,7 @@ class Operations:
                 ),
             )
         try:
-            return int(self._run(st, [*data.values(), *where_params], ROWCOUNT, True))
+            return self._idempotent_write(table, st, [*data.values(), *where_params])
         except (UnknownColumn, UnknownTable) as exc:
             raise self._explain(
                 exc, table, (*cols, *_referenced(where))
@@ -500,7 +504,7 @@ class Operations:
                 ),
             )
         try:
-            return int(self._run(st, params, ROWCOUNT, True))
+            return self._idempotent_write(table, st, params)
         except (UnknownColumn, UnknownTable) as exc:
             raise self._explain(exc, table, _referenced(where)) from exc.__cause__
 
@@ -540,9 +544,21 @@ class Operations:
         if not update:
             params += [data[c] for c in conflict]
         try:
-            return self._run(st, params, ONE, True)  # type: ignore[no-any-return]
+            row: Optional[Row] = self._run(st, params, ONE, True)
         except (UnknownColumn, UnknownTable) as exc:
             raise self._explain(exc, table, (*cols, *conflict)) from exc.__cause__
+        if row is None:
+            # DO NOTHING met a row committed by another session after this statement's
+            # snapshot was taken (READ COMMITTED): a new statement sees it.
+            row = self.find_one(table, {c: data[c] for c in conflict})
+            if row is None:
+                raise SerializationFailure(
+                    f"upsert into {table}: the conflicting row was deleted by another "
+                    "session before it could be read; running it again will insert",
+                    sqlstate="40001",
+                    statement=st.text,
+                )
+        return row
 
     # ------------------------------------------------------------- raw
     def execute(
@@ -714,7 +730,9 @@ def _upsert_sql(
             )
         )
     # DO NOTHING returns no row on a conflict; the second branch reads the existing
-    # one. Both run on the same snapshot, so exactly one of them yields the row.
+    # one. Under READ COMMITTED a row committed after the statement's snapshot makes
+    # the insert do nothing yet stays invisible to the SELECT: upsert() then reads
+    # it with a new statement.
     return sql.SQL(
         "WITH ins AS ({} DO NOTHING RETURNING *) "
         "SELECT * FROM ins UNION ALL SELECT * FROM {} WHERE ({}) = ({}) LIMIT 1"

@@ -163,43 +163,67 @@ class RetryPolicy:
         if self.delay < 0 or self.max_delay < 0 or self.backoff < 1:
             raise ValueError("delay and max_delay must be >= 0 and backoff >= 1")
 
-    def _wait(self) -> Any:
+    def _wait(self, done: int = 0) -> Any:
+        """Waits after each failure; ``done`` attempts were made before tenacity's 1st.
+
+        tenacity numbers the attempts it makes from 1, so a loop entered after
+        ``done`` failures starts its backoff ``backoff ** done`` further on (as a
+        larger multiplier) to keep the sequence delay, delay*backoff, ... unbroken.
+        """
         wait: Any = wait_exponential(
-            multiplier=self.delay, exp_base=self.backoff, min=0, max=self.max_delay
+            multiplier=self.delay * self.backoff**done,
+            exp_base=self.backoff,
+            min=0,
+            max=self.max_delay,
         )
         if self.jitter and self.delay > 0:
             wait = wait + wait_random(0, self.delay)
         return wait
 
-    def retrying(self, *, attempts: Optional[int] = None) -> Retrying:
-        """A tenacity ``Retrying`` for this policy (``attempts`` overrides it)."""
+    def first_wait(self) -> float:
+        """The wait after a first failed attempt (``delay``, plus jitter)."""
+        wait = min(self.delay, self.max_delay)
+        if self.jitter and self.delay > 0:
+            wait += random.uniform(0, self.delay)
+        return wait
+
+    def retrying(self, *, attempts: Optional[int] = None, done: int = 0) -> Retrying:
+        """A tenacity ``Retrying`` for this policy.
+
+        ``attempts`` overrides the number of attempts it makes; ``done`` says how many
+        were made (and failed) before it, for the waits and the log's numbering.
+        """
         stop: Any = stop_after_attempt(attempts or self.max_attempts)
         if self.max_time is not None:
             stop = stop | stop_after_delay(self.max_time)
         return Retrying(
             stop=stop,
-            wait=self._wait(),
+            wait=self._wait(done),
             retry=retry_if_exception(self.retry_on),
             reraise=True,  # the caller sees the original pgaccess error, not RetryError
             sleep=self.sleep,
             before=self._before,
-            before_sleep=self._before_sleep,
+            before_sleep=functools.partial(self._before_sleep, done),
             retry_error_callback=None,
         )
 
     def _before(self, state: RetryCallState) -> None:
         self.stats.record_attempt()
 
-    def _before_sleep(self, state: RetryCallState) -> None:
+    def _before_sleep(self, done: int, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
         if exc is not None:
-            self.stats.record_retry(exc, wait)
-        fn = getattr(state.fn, "__qualname__", "the operation")
+            self._retry(state.fn, exc, done + state.attempt_number, wait)
+
+    def _retry(self, fn: Any, exc: BaseException, attempt: int, wait: float) -> None:
+        """Count and log a retry: ``attempt`` failed with ``exc``; next in ``wait``."""
+        self.stats.record_retry(exc, wait)
+        lines = str(exc).splitlines()
         logger.warning(
             "retrying %s in %.3f s (attempt %d of %d failed: %s: %s)",
-            fn, wait, state.attempt_number, self.max_attempts,
-            type(exc).__name__, str(exc).splitlines()[0] if exc else "",
+            getattr(fn, "__qualname__", "the operation"), wait, attempt,
+            self.max_attempts, type(exc).__name__, lines[0] if lines else "",
         )  # fmt: skip
 
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -215,22 +239,19 @@ class RetryPolicy:
         """Retry ``fn`` whose first attempt (made outside) failed with ``first_error``.
 
         Keeps tenacity out of the success path of the facade: it is entered only once
-        an attempt has failed. The first retry waits as a policy's first retry would.
+        an attempt has failed. The caller has decided that ``first_error`` is worth
+        a retry; the waits and the log are those of :meth:`call` from its 2nd attempt.
         """
-        wait = self.delay + (random.uniform(0, self.delay) if self.jitter else 0.0)
         self.stats.record_attempt()
         if self.max_attempts <= 1:
             self.stats.record_give_up()
             raise first_error
-        self.stats.record_retry(first_error, wait)
-        logger.warning(
-            "retrying in %.3f s after %s: %s",
-            wait, type(first_error).__name__, str(first_error).splitlines()[0],
-        )  # fmt: skip
+        wait = self.first_wait()
+        self._retry(fn, first_error, 1, wait)
         if wait > 0:
             self.sleep(wait)
         try:
-            return self.retrying(attempts=self.max_attempts - 1)(fn)
+            return self.retrying(attempts=self.max_attempts - 1, done=1)(fn)
         except BaseException as exc:
             if self.retry_on(exc):
                 self.stats.record_give_up()
@@ -318,6 +339,8 @@ TABLE_POLICIES: Dict[str, TablePolicy] = {
 
 def table_policy(table: str) -> Optional[TablePolicy]:
     """The write policy of ``table`` (``schema.table`` is looked up by its name)."""
+    if not isinstance(table, str):
+        return None  # not a table name at all: the statement builder rejects it
     policy = TABLE_POLICIES.get(table)
     if policy is None and "." in table:
         policy = TABLE_POLICIES.get(table.rpartition(".")[2])

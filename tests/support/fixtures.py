@@ -117,10 +117,14 @@ def scratch_table(pgaccess_dsn: str) -> Iterator[Callable[..., str]]:
         finally:
             conn.close()
 
-    def make(columns: str = "id serial PRIMARY KEY, v int", prefix: str = "scratch") -> str:
+    def make(
+        columns: str = "id serial PRIMARY KEY, v int", prefix: str = "scratch"
+    ) -> str:
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"
         execute(
-            sql.SQL("CREATE TABLE {} ({})").format(sql.Identifier(name), sql.SQL(columns))
+            sql.SQL("CREATE TABLE {} ({})").format(
+                sql.Identifier(name), sql.SQL(columns)
+            )
         )
         made.append(name)
         return name
