@@ -84,9 +84,10 @@ BULK = "insert_many_100k"
 CLAIM = "claim_complete"
 ALL_WORKLOADS = (*GRID_WORKLOADS, BULK, CLAIM)
 PGACCESS = "pgaccess"
+NOSTATS = "pgaccess-nostats"  # the same, with per-statement statistics off: their cost
 PEERS = ("psycopg2-pool", "psycopg3-pool", "sqlalchemy")  # the pooled peers
 LIMIT = "bare-autocommit"
-ALL_CLIENTS = (PGACCESS, *PEERS, LIMIT)
+ALL_CLIENTS = (PGACCESS, NOSTATS, *PEERS, LIMIT)
 CLAIM_THREADS = (1, 4, 8)
 
 ERROR_BACKOFF_S = 0.001  # after a failed op a thread sleeps this long, then retries
@@ -169,6 +170,13 @@ def open_pgaccess(dsn: str, pool_size: int) -> PgaccessHandle:
 
     pool = ConnectionPool(dsn, maxconn=pool_size)
     return PgaccessHandle(pool=pool, db=Database(pool=pool))
+
+
+def open_pgaccess_nostats(dsn: str, pool_size: int) -> PgaccessHandle:
+    from pgaccess import ConnectionPool, Database
+
+    pool = ConnectionPool(dsn, maxconn=pool_size)
+    return PgaccessHandle(pool=pool, db=Database(pool=pool, query_stats=False))
 
 
 def close_pgaccess(h: PgaccessHandle) -> None:
@@ -467,6 +475,11 @@ CLIENTS: Dict[str, ClientSpec] = {
             "txn5": pga_txn5,
             "checkout": pga_checkout,
         },
+    ),
+    NOSTATS: ClientSpec(
+        open_pgaccess_nostats,
+        close_pgaccess,
+        {"find_one": pga_find_one, "insert": pga_insert, "txn5": pga_txn5},
     ),
     "psycopg2-pool": ClientSpec(
         open_p2pool,
@@ -1259,6 +1272,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 COLORS = {
     PGACCESS: "#d62728",
+    NOSTATS: "#ff9896",
     "psycopg2-pool": "#1f77b4",
     "psycopg3-pool": "#2ca02c",
     "sqlalchemy": "#9467bd",
@@ -1266,6 +1280,7 @@ COLORS = {
 }
 MARKERS = {
     PGACCESS: "o",
+    NOSTATS: ".",
     "psycopg2-pool": "s",
     "psycopg3-pool": "^",
     "sqlalchemy": "D",

@@ -64,6 +64,7 @@ class Database(Operations):
         read_policy: Optional[RetryPolicy] = None,
         transaction_policy: Optional[RetryPolicy] = None,
         slow_query_ms: Optional[float] = None,
+        query_stats: bool = True,
         **pool_kwargs: Any,
     ) -> None:
         if pool is not None and (dsn is not None or pool_kwargs):
@@ -82,6 +83,8 @@ class Database(Operations):
         if slow_query_ms is None:
             slow_query_ms = Settings.resolve(maxconn=1).slow_query_ms
         self.slow_query_ms = slow_query_ms
+        # Per-statement counts cost a lock and a dict update per call; off, nothing.
+        self._record = record if query_stats else _ignore
 
     def __repr__(self) -> str:
         return f"<Database pool={self._pool or 'default'!r}>"
@@ -124,13 +127,13 @@ class Database(Operations):
                 cur.execute(text, params)
                 result = FETCH[mode](cur)
             except (psycopg2.Error, ValueError) as exc:
-                record(text, perf_counter() - t0, True, None)
+                self._record(text, perf_counter() - t0, True, None)
                 raise translate(
                     exc, text, connection=conn, write_in_flight=write
                 ) from exc
         finally:
             pool.release(conn)
-        record(text, perf_counter() - t0, False, self.slow_query_ms)
+        self._record(text, perf_counter() - t0, False, self.slow_query_ms)
         return result
 
     def _read(self, st: q.Statement, params: Params, mode: int) -> Any:
@@ -157,11 +160,11 @@ class Database(Operations):
                 with conn.cursor() as cur:
                     result = fn(cur)
             except (psycopg2.Error, ValueError) as exc:
-                record(text, perf_counter() - t0, True, None)
+                self._record(text, perf_counter() - t0, True, None)
                 raise translate(
                     exc, text, connection=conn, write_in_flight=write
                 ) from exc
-            record(text, perf_counter() - t0, False, self.slow_query_ms)
+            self._record(text, perf_counter() - t0, False, self.slow_query_ms)
             return result
 
     def _atomic(self, fn: Callable[[Operations], T]) -> T:
@@ -292,7 +295,9 @@ class Database(Operations):
         open transaction of this thread, it is a savepoint of that one.
         ``isolation``: "read committed", "repeatable read" or "serializable".
         """
-        return TransactionBlock(self.pool, isolation, read_only, self.slow_query_ms)
+        return TransactionBlock(
+            self.pool, isolation, read_only, self.slow_query_ms, self._record
+        )
 
     def run_in_transaction(
         self,
@@ -337,3 +342,7 @@ class Database(Operations):
             "retries": global_stats.snapshot(),
             "queries": query_stats(),
         }
+
+
+def _ignore(text: str, elapsed: float, failed: bool, slow_ms: Optional[float]) -> None:
+    """The recorder of a Database made with ``query_stats=False``."""

@@ -44,6 +44,7 @@ __all__ = [
 logger = logging.getLogger("pgaccess.transaction")
 
 T = TypeVar("T")
+Recorder = Callable[[str, float, bool, Optional[float]], None]
 
 _ISOLATION = {
     "read committed": "ISOLATION LEVEL READ COMMITTED",
@@ -146,9 +147,11 @@ class Transaction(Operations):
         conn: PooledConnection,
         begin: str,
         slow_query_ms: Optional[float],
+        recorder: Recorder = record,
     ) -> None:
         self._pool = pool
         self._conn = conn
+        self._record = recorder
         self._cur = conn.cursor()
         self._pending_begin: Optional[str] = begin
         self._slow_ms = slow_query_ms
@@ -213,9 +216,9 @@ class Transaction(Operations):
                 self._pending_begin = begin
             if not isinstance(exc, (psycopg2.Error, ValueError)):
                 raise
-            record(text, _clock() - t0, True, None)
+            self._record(text, _clock() - t0, True, None)
             raise translate(exc, text, connection=self._conn) from exc
-        record(text, _clock() - t0, False, self._slow_ms)
+        self._record(text, _clock() - t0, False, self._slow_ms)
         return result
 
     def _call(self, fn: Callable[[Any], T], text: str, write: bool) -> T:
@@ -225,9 +228,9 @@ class Transaction(Operations):
         try:
             result = fn(self._cur)
         except (psycopg2.Error, ValueError) as exc:
-            record(text, _clock() - t0, True, None)
+            self._record(text, _clock() - t0, True, None)
             raise translate(exc, text, connection=self._conn) from exc
-        record(text, _clock() - t0, False, self._slow_ms)
+        self._record(text, _clock() - t0, False, self._slow_ms)
         return result
 
     def _atomic(self, fn: Callable[[Operations], T]) -> T:
@@ -314,8 +317,10 @@ class TransactionBlock:
         isolation: Optional[str],
         read_only: bool,
         slow_query_ms: Optional[float],
+        recorder: Recorder = record,
     ) -> None:
         self._pool = pool
+        self._record = recorder
         self._begin = begin_statement(isolation, read_only)
         self._explicit = isolation is not None or read_only
         self._slow_ms = slow_query_ms
@@ -334,7 +339,9 @@ class TransactionBlock:
             self._tx = outer
             return outer
         conn = self._pool.acquire()
-        tx = self._tx = Transaction(self._pool, conn, self._begin, self._slow_ms)
+        tx = self._tx = Transaction(
+            self._pool, conn, self._begin, self._slow_ms, self._record
+        )
         txs = _local.__dict__.setdefault("txs", {})
         txs[self._pool] = tx
         return tx
