@@ -12,7 +12,7 @@ from pgaccess import ConnectionPool, Database, UnknownColumn
 
 
 def _entry(db: Database, marker: str) -> dict:
-    matches = [q for q in db.stats()["queries"] if marker in q["statement"]]
+    matches = [q for q in db.stats(top=None)["queries"] if marker in q["statement"]]
     assert len(matches) == 1, matches
     return matches[0]
 
@@ -43,10 +43,10 @@ def test_calls_errors_and_times_per_statement_from_all_threads(db: Database) -> 
 
 def test_facade_statements_are_counted_by_shape(db: Database) -> None:
     db.insert("video_job", {"src_hash": "s1", "input_path": "/1"})
-    before = db.stats()["queries"]
+    before = db.stats(top=None)["queries"]
     for i in range(3):
         db.find_one("video_job", {"src_hash": f"s{i}"}, order_by="-created_at")
-    after = db.stats()["queries"]
+    after = db.stats(top=None)["queries"]
     shape = 'SELECT * FROM "video_job" WHERE "src_hash" = %s ORDER BY "created_at" DESC'
 
     def calls(entries: list) -> int:
@@ -73,7 +73,7 @@ def test_statistics_can_be_turned_off(pgaccess_pool: ConnectionPool) -> None:
     db.execute(f"SELECT 1 AS {marker}")
     with db.transaction() as tx:
         tx.execute(f"SELECT 2 AS {marker}")
-    assert not [q for q in db.stats()["queries"] if marker in q["statement"]]
+    assert not [q for q in db.stats(top=None)["queries"] if marker in q["statement"]]
 
 
 def test_unknown_column_errors_are_counted(db: Database) -> None:

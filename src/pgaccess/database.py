@@ -335,12 +335,13 @@ class Database(Operations):
         return current_transaction(self.pool)
 
     # ------------------------------------------------------------ state
-    def stats(self) -> Dict[str, Any]:
-        """The pool's numbers, the retries of every thread, and the top statements."""
+    def stats(self, top: Optional[int] = 20) -> Dict[str, Any]:
+        """The pool's numbers, the retries of every thread, and the ``top`` statements
+        by total time (every statement for ``top=None``)."""
         return {
             "pool": self.pool.stats(),
             "retries": global_stats.snapshot(),
-            "queries": query_stats(),
+            "queries": query_stats(top),
         }
 
 

@@ -126,8 +126,8 @@ def record(text: str, elapsed: float, failed: bool, slow_ms: Optional[float]) ->
         logger.warning("slow query: %.1f ms: %s", ms, " ".join(text.split())[:500])
 
 
-def query_stats(top: int = 20) -> List[Dict[str, Any]]:
-    """The statements with the most total time, with their counts."""
+def query_stats(top: Optional[int] = 20) -> List[Dict[str, Any]]:
+    """The ``top`` statements by total time (all of them for None), with counts."""
     with _stats_lock:
         items = [
             {
@@ -141,7 +141,7 @@ def query_stats(top: int = 20) -> List[Dict[str, Any]]:
             for text, st in _stats.items()
         ]
     items.sort(key=lambda s: s["total_ms"], reverse=True)  # type: ignore[arg-type,return-value]
-    return items[:top]
+    return items if top is None else items[:top]
 
 
 # ------------------------------------------------------------------ COPY
