@@ -29,6 +29,7 @@ from .errors import (
     UnknownColumn,
     UnknownTable,
 )
+from .jobs import Highlights, JobHandle, JobLost, Metrics, VideoJobs, Worker
 from .pool import ConnectionPool, db_pool
 from .retry import RetryPolicy, is_transient, retrying, with_retry
 from .transaction import Rollback, Savepoint, Transaction, TransactionStatus
@@ -47,7 +48,11 @@ __all__ = [
     "DeadlockDetected",
     "ForeignKeyViolation",
     "IntegrityError",
+    "Highlights",
     "InvalidQuery",
+    "JobHandle",
+    "JobLost",
+    "Metrics",
     "NotNullViolation",
     "OperationalError",
     "PoolClosed",
@@ -66,6 +71,8 @@ __all__ = [
     "UniqueViolation",
     "UnknownColumn",
     "UnknownTable",
+    "VideoJobs",
+    "Worker",
     "db_pool",
     "is_transient",
     "retrying",

@@ -1,4 +1,4 @@
-"""Worker code that tests run in other processes (multiprocessing, or ``pgaccess worker``).
+"""Worker code tests run in other processes (multiprocessing, ``pgaccess worker``).
 
 Each process makes its own ``Database`` from a DSN (or ``PGACCESS_DSN``): a pool is
 never shared across processes.
@@ -43,7 +43,7 @@ def record_run(job: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def slow(job: Dict[str, Any]) -> Dict[str, Any]:
-    """A handler that takes a while (SLOW_SECONDS), then leaves a trace like record_run."""
+    """A handler that sleeps SLOW_SECONDS, then leaves a trace as record_run does."""
     time.sleep(float(os.environ.get("SLOW_SECONDS", "1.0")))
     return record_run(job)
 
