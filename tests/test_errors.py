@@ -545,6 +545,12 @@ def test_constructed_errors_pickle(cls: type) -> None:
         again = pickle.loads(pickle.dumps(cls()))
         assert type(again) is cls and again.transaction is None
         return
+    if cls is pgaccess.JobLost:
+        lost = cls(7, "w1", "complete", "processing", "w2")
+        again = pickle.loads(pickle.dumps(lost))
+        assert type(again) is cls and str(again) == str(lost)
+        assert (again.job_id, again.worker_id, again.holder) == (7, "w1", "w2")
+        return
     err = cls("something failed", sqlstate="XX000", statement="SELECT %s")
     check_pickle(err)
     assert str(err) == "something failed (SQLSTATE XX000)\n  statement: SELECT %s"
