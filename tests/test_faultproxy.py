@@ -15,6 +15,8 @@ import psycopg2
 import pytest
 from support.faultproxy import FaultProxy
 
+from pgaccess.testing import TestServer
+
 pytestmark = pytest.mark.faults
 
 RESET_ERRORS = (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
@@ -287,12 +289,17 @@ def test_unix_socket_target(tmp_path: Path) -> None:
 # -- drop_after against a real PostgreSQL -------------------------------------------
 
 
-def pg_target() -> Tuple[str, int]:
+def pg_target(server: TestServer) -> Tuple[str, int]:
+    """The session's server over TCP (the embedded one listens on 127.0.0.1 too)."""
     target = os.environ.get("PGACCESS_TEST_PROXY_TARGET")
-    if not target:
-        pytest.skip("PGACCESS_TEST_PROXY_TARGET (host:port) not set")
-    host, _, port = target.rpartition(":")
-    return host, int(port)
+    if target:
+        host, _, port = target.rpartition(":")
+        return host, int(port)
+    params = psycopg2.extensions.parse_dsn(server.admin_dsn)
+    host = params.get("host") or "127.0.0.1"
+    if host.startswith("/"):
+        host = "127.0.0.1"
+    return host, int(params.get("port") or 5432)
 
 
 PG_USER = os.environ.get("PGUSER", "postgres")
@@ -313,8 +320,8 @@ def pg_connect(host: str, port: int) -> Any:
 
 
 @pytest.fixture
-def pg() -> Iterator[Tuple[str, int]]:
-    yield pg_target()
+def pg(pgaccess_server: TestServer) -> Iterator[Tuple[str, int]]:
+    yield pg_target(pgaccess_server)
 
 
 @pytest.fixture
