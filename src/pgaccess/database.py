@@ -30,8 +30,8 @@ from .pool import ConnectionPool, default_pool
 from .retry import (
     RetryPolicy,
     global_stats,
-    is_transient,
     is_transient_or_unknown,
+    retry_within_call,
     table_policy,
 )
 from .transaction import Transaction, TransactionBlock, current_transaction
@@ -75,7 +75,7 @@ class Database(Operations):
         self._pool: Optional[ConnectionPool] = pool  # None: the default, on first use
         self.retry_reads = retry_reads
         self.read_policy = read_policy or RetryPolicy(
-            max_attempts=3, delay=0.05, max_delay=1.0
+            max_attempts=3, delay=0.05, max_delay=1.0, retry_on=retry_within_call
         )
         self.transaction_policy = transaction_policy or RetryPolicy(
             max_attempts=5, delay=0.02, max_delay=1.0
@@ -142,7 +142,7 @@ class Database(Operations):
         except DatabaseError as exc:
             if (
                 not self.retry_reads
-                or not is_transient(exc)
+                or not retry_within_call(exc)
                 or current_transaction(self.pool) is not None
             ):
                 raise

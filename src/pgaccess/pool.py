@@ -24,13 +24,27 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import os
 import select
+import socket
+import struct
+import sys
 import threading
 import time
 import traceback
 import weakref
-from typing import TYPE_CHECKING, Any, Deque, Dict, Iterator, List, Optional
+from types import FrameType
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Deque,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Tuple,
+)
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -51,19 +65,42 @@ __all__ = ["ConnectionPool", "PooledConnection", "db_pool", "default_pool"]
 logger = logging.getLogger("pgaccess.pool")
 
 _STATUS_IDLE = ext.TRANSACTION_STATUS_IDLE
+_STATUS_ACTIVE = ext.TRANSACTION_STATUS_ACTIVE
+_BASE_CURSOR_FACTORY: Any = vars(ext.connection)["cursor_factory"]
+
+
+def _marking(name: str) -> Any:
+    """psycopg2's ``connection.<name>``, as a property whose setter marks the change."""
+    base = vars(ext.connection)[name]
+
+    def set_value(self: PooledConnection, value: Any) -> None:
+        base.__set__(self, value)
+        self._session_changed()
+
+    return property(base.__get__, set_value)
 
 
 class PooledConnection(ext.connection):
     """A psycopg2 connection that remembers its age, last use and reusable cursor."""
 
     created_at: float
+    #: When the pool replaces it; 0 also means "changed: reset me on return".
+    expires_at: float
     last_used: float
     cursor_cache: Optional[ext.cursor]
+    #: Session attributes were changed through psycopg2 (see ``_session_changed``).
+    session_changed: bool
+    #: (fd, local address, peer address) of a TCP connection watched for stalls.
+    tcp_ident: Optional[Tuple[int, Any, Any]]
 
     def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(dsn, *args, **kwargs)
         self.created_at = self.last_used = time.monotonic()
+        self.expires_at = math.inf
+        self.session_changed = False
+        self.tcp_ident = None
         self.cursor_cache = None
+        self.initial_encoding = self.encoding
         # Registered once: polling a ready-made poll object costs a third of select().
         self.poller = select.poll()
         self.poller.register(self.fileno(), select.POLLIN)
@@ -71,6 +108,32 @@ class PooledConnection(ext.connection):
     def has_unread_data(self) -> bool:
         """Whether the server sent something unasked (when idle: bad news)."""
         return bool(self.poller.poll(0))
+
+    # In autocommit, psycopg2 applies session attributes with SET (default_transaction_
+    # read_only, ...): server state that the next borrower would inherit. Every way to
+    # change them marks the connection, and ``expires_at = 0`` sends its return down the
+    # slow path (which resets them) through a test release() makes anyway: a clean
+    # connection's return costs nothing more.
+    def _session_changed(self) -> None:
+        self.session_changed = True
+        self.expires_at = 0.0
+
+    def set_session(self, *args: Any, **kwargs: Any) -> None:
+        super().set_session(*args, **kwargs)
+        self._session_changed()
+
+    def set_isolation_level(self, level: Optional[int]) -> None:
+        super().set_isolation_level(level)
+        self._session_changed()
+
+    def set_client_encoding(self, encoding: str) -> None:
+        super().set_client_encoding(encoding)
+        self._session_changed()
+
+    readonly = _marking("readonly")
+    isolation_level = _marking("isolation_level")
+    deferrable = _marking("deferrable")
+    cursor_factory = _marking("cursor_factory")
 
 
 class _Store(psycopg2.pool.ThreadedConnectionPool):
@@ -137,8 +200,28 @@ class _Waiter:
         self.error: Optional[BaseException] = None
 
 
+class _Borrow:
+    """A watched checkout (``leak_threshold``): since when, and by whom."""
+
+    __slots__ = ("reported", "since", "stack")
+
+    def __init__(self, since: float, stack: str) -> None:
+        self.since = since
+        self.stack = stack
+        self.reported = False
+
+
 _names = itertools.count(1)
 _live_pools: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_CONTEXTLIB = contextlib.__file__
+
+# struct tcp_info (linux/tcp.h): tcpi_last_data_sent, tcpi_last_ack_sent and
+# tcpi_last_data_recv, milliseconds since then, start at byte 44.
+_TCP_TIMES = struct.Struct("III")
+_TCP_TIMES_AT = 44
+_TCP_INFO_LEN = _TCP_TIMES_AT + _TCP_TIMES.size
+_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux only
 
 
 class ConnectionPool:
@@ -150,6 +233,22 @@ class ConnectionPool:
     ``PoolTimeout``. Broken connections are discarded and replaced on demand, so the
     pool serves again by itself after a server restart. Thread-safe; fork-safe (a child
     process gets fresh connections and never touches its parent's).
+
+    Options for faults a healthy pool never sees:
+
+    - ``leak_threshold`` (seconds): a connection held longer is logged once, at
+      WARNING, with the borrower's stack.
+    - ``stall_timeout`` (seconds; Linux, TCP only): a command that has waited this
+      long with no data received or sent is taken as a dead network path (a
+      blackhole: a firewall dropping packets, a proxy that stopped forwarding): its
+      socket is shut down, so the call fails with ``ConnectionLost`` instead of
+      hanging. It must exceed the longest statement you run (set
+      ``statement_timeout`` below it) and any pause of your own in a COPY.
+    - ``reset_session``: ``DISCARD ALL`` on every return (one round trip), for code
+      that leaves session state behind (``SET``, temporary tables, WITH HOLD cursors,
+      session advisory locks, LISTEN). Without it, a connection comes back with its
+      transaction rolled back and psycopg2's session attributes reset, but session
+      state made with SQL stays: use ``SET LOCAL`` inside a transaction instead.
     """
 
     #: A connection idle longer than this gets a round-trip check before it is lent.
@@ -157,6 +256,9 @@ class ConnectionPool:
     #: After a failed connect, wait this long before the next, doubling up to the max.
     RECONNECT_INITIAL_DELAY = 0.05
     RECONNECT_MAX_DELAY = 0.5
+    #: During an outage, how often a caller waiting for its turn to connect looks for
+    #: a connection given back meanwhile.
+    OUTAGE_POLL = 0.02
 
     def __init__(
         self,
@@ -169,6 +271,8 @@ class ConnectionPool:
         statement_timeout: Optional[int] = None,
         connect_timeout: int = 10,
         leak_threshold: Optional[float] = None,
+        stall_timeout: Optional[float] = None,
+        reset_session: bool = False,
         settings: Optional[Settings] = None,
         **connect_kwargs: Any,
     ) -> None:
@@ -179,14 +283,26 @@ class ConnectionPool:
                 timeout=timeout,
                 statement_timeout=statement_timeout,
             )
+        for what, value in (
+            ("leak_threshold", leak_threshold),
+            ("stall_timeout", stall_timeout),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"{what} must be > 0 seconds, got {value}")
+        if stall_timeout is not None and _TCP_INFO is None:
+            raise ValueError("stall_timeout needs Linux (the kernel's TCP_INFO)")
         self.settings = settings
         self.name = name or f"pool-{next(_names)}"
         self.maxconn = settings.maxconn
         self.timeout = settings.timeout
         self.max_lifetime = max_lifetime
         self.leak_threshold = leak_threshold
+        self.stall_timeout = stall_timeout
+        self.reset_session = reset_session
+        # One test in release()'s fast path for both: every return is watched or reset.
+        self._slow_release = leak_threshold is not None or reset_session
+        self._connect_timeout = connect_timeout
         kwargs: Dict[str, Any] = {
-            "connect_timeout": connect_timeout,
             # A dead peer must not hang a call forever (psycopg2's defaults would):
             # TCP keepalives and a cap on unacknowledged data. Ignored on Unix sockets.
             "keepalives": 1,
@@ -211,13 +327,21 @@ class ConnectionPool:
         self._waiters: Deque[_Waiter] = collections.deque()
         self._out = 0  # connections lent out, or being connected for a borrower
         self._ever_connected = False
+        # An outage (a failed connect, not yet followed by a good one): when the next
+        # attempt may start, whether one is under way, and the delay after the next.
         self._next_connect_at = 0.0
+        self._probing = False
+        self._connecting = 0  # connects under way, in or out of an outage
+        self._outage_errors = 0
         self._connect_delay = self.RECONNECT_INITIAL_DELAY
-        self._borrowers: Dict[int, Any] = {}
+        self._last_connect_error = ""
+        self._connect_turn = threading.Condition(self._lock)
+        self._borrowers: Dict[int, _Borrow] = {}
+        self._monitor: Optional[threading.Thread] = None
         # Counters, changed under the lock (plain attributes: the cheapest to bump).
         self._requests = self._requests_waiting = self._timeouts = 0
         self._opened = self._discarded = self._lost = self._connect_errors = 0
-        self._returned_in_transaction = self._leaks_reported = 0
+        self._returned_in_transaction = self._leaks_reported = self._stalls = 0
         self._wait_time = 0.0
 
     def __repr__(self) -> str:
@@ -257,33 +381,35 @@ class ConnectionPool:
     ) -> PooledConnection:
         wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
+        counted = conn is not None  # the fast path counted this request already
         while True:
             if conn is None:
-                conn = self._reserve(deadline, wait)
-            if conn is not None:
-                if self._usable(conn):
-                    break
-                self._discard(conn, lost=True)
-                conn = None
-                continue
-            try:
-                conn = self._connect(deadline)
-            except BaseException:
-                self._give_back_slot()
-                raise
-            if conn is not None:
+                conn = self._reserve(deadline, wait, counted)
+                counted = True
+                if conn is None:
+                    try:
+                        conn = self._connect(deadline)
+                    except BaseException:
+                        self._give_back_slot()
+                        raise
+            if self._usable(conn):
                 break
+            self._discard(conn, lost=True)
+            conn = None
         if self.leak_threshold is not None:
             self._watch_for_leak(conn)
         return conn
 
-    def _reserve(self, deadline: float, wait: float) -> Optional[PooledConnection]:
+    def _reserve(
+        self, deadline: float, wait: float, counted: bool
+    ) -> Optional[PooledConnection]:
         """Take a slot, waiting in line if none is free; return an idle connection or
         None (meaning: connect a new one for this slot)."""
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"the pool {self.name!r} is closed")
-            self._requests += 1
+            if not counted:
+                self._requests += 1
             if self._out < self.maxconn and not self._waiters:
                 self._out += 1
             else:
@@ -317,56 +443,149 @@ class ConnectionPool:
                 f"{len(self._waiters)} other callers waiting"
             )
 
-    def _connect(self, deadline: float) -> Optional[PooledConnection]:
-        """Open a connection for a reserved slot, outside the lock.
+    def _connect(self, deadline: float) -> PooledConnection:
+        """A connection for a reserved slot: a new one, or one given back meanwhile.
 
-        After the pool has connected once, a failure is taken as an outage (a restart,
-        a full server) and retried with backoff until the caller's deadline, giving up
-        the slot between attempts so a connection returned meanwhile can be used. The
-        first connect of a pool fails at once: that is a wrong DSN, not an outage.
-        Returns None to ask the caller to reserve again.
+        Normally a plain connect, as many at once as callers need. After a failure
+        (once the pool has connected before) the pool is in an outage (a restart, a
+        full server, a network fault) until a connect succeeds: then callers take
+        turns, one attempt at a time, spaced by a delay doubling from
+        ``RECONNECT_INITIAL_DELAY`` to ``RECONNECT_MAX_DELAY`` however many callers
+        wait, and a caller waiting for its turn takes any connection given back
+        meanwhile (a full server: the pool runs at the size it can reach). A caller
+        gets ``ConnectionFailed`` at its deadline, or at once when no attempt is due
+        before it and the pool has no connection that could come back. The first
+        connect of a pool fails at once: that is a wrong DSN, not an outage. Each
+        attempt's ``connect_timeout`` is cut to the caller's remaining time (libpq
+        waits 2 s at least).
         """
-        pause = self._next_connect_at - time.monotonic()
-        if pause > 0:
-            if time.monotonic() + pause > deadline:
-                raise ConnectionFailed(
-                    f"the server is unreachable (pool {self.name!r}); "
-                    f"the next connection attempt is due in {pause:.2f} s, "
-                    "after this call's timeout"
-                )
-            time.sleep(pause)
-        try:
-            conn = psycopg2.connect(
-                self.settings.dsn,
-                connection_factory=PooledConnection,
-                **self._connect_kwargs,
-            )
-            conn.autocommit = True
-        except psycopg2.Error as exc:
+        while True:
+            probing = False
             with self._lock:
-                self._connect_errors += 1
-                self._next_connect_at = time.monotonic() + self._connect_delay
-                self._connect_delay = min(
-                    self._connect_delay * 2, self.RECONNECT_MAX_DELAY
-                )
-                ever = self._ever_connected
-            err = translate(exc)
-            failed = ConnectionFailed(
-                f"could not connect (pool {self.name!r}): {err.args[0]}",
-                sqlstate=err.sqlstate,
+                while self._next_connect_at:
+                    if self._closed:
+                        raise PoolClosed(f"the pool {self.name!r} is closed")
+                    store = self._store
+                    if store._pool:
+                        return store.take_idle()
+                    now = time.monotonic()
+                    if not self._probing and now >= self._next_connect_at:
+                        self._probing = probing = True
+                        break
+                    if now >= deadline or (
+                        not self._probing
+                        and self._next_connect_at > deadline
+                        and not store._used
+                    ):
+                        raise self._unreachable(now)
+                    self._connect_turn.wait(min(self.OUTAGE_POLL, deadline - now))
+                self._connecting += 1
+            try:
+                conn = self._open(deadline)
+            except BaseException as exc:
+                with self._lock:
+                    self._connecting -= 1
+                    if probing:
+                        self._probing = False
+                    self._connect_turn.notify_all()
+                    if not isinstance(exc, psycopg2.Error):
+                        raise
+                    failed, level = self._connect_failed(exc, probing, deadline)
+                    ever = self._ever_connected
+                if not ever or time.monotonic() >= deadline:
+                    raise failed from exc
+                logger.log(level, "%s; retrying within each call's timeout", failed)
+                continue
+            with self._lock:
+                self._connecting -= 1
+                self._opened += 1
+                first = not self._ever_connected
+                self._ever_connected = True
+                if probing:
+                    self._probing = False
+                recovered = self._outage_errors if self._next_connect_at else 0
+                if recovered:  # the outage is over: everyone may connect
+                    self._next_connect_at = 0.0
+                    self._connect_delay = self.RECONNECT_INITIAL_DELAY
+                    self._connect_turn.notify_all()
+                elif first:
+                    self._connect_turn.notify_all()
+                self._store.adopt(conn)
+            if recovered:
+                logger.warning(
+                    "pool %r: connected again after %d failed attempts",
+                    self.name, recovered,
+                )  # fmt: skip
+            if self.stall_timeout is not None and self._monitor is None:
+                self._start_monitor()
+            return conn
+
+    def _connect_failed(
+        self, exc: psycopg2.Error, probing: bool, deadline: float
+    ) -> Tuple[ConnectionFailed, int]:
+        """Count a failed connect and plan the next (lock held): the error to raise,
+        and the level to log it at if the caller retries.
+
+        The first connect of a pool fails at once (a wrong DSN, not an outage),
+        unless another connect of it, still under way, succeeds: a cold start on a
+        server with room for only part of the pool. Then the pool is in an outage.
+        """
+        err = translate(exc)
+        failed = ConnectionFailed(
+            f"could not connect (pool {self.name!r}): {err.args[0]}",
+            sqlstate=err.sqlstate,
+        )
+        self._connect_errors += 1
+        self._last_connect_error = err.args[0]
+        while not self._ever_connected and self._connecting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._connect_turn.wait(remaining)
+        if not self._ever_connected:
+            return failed, logging.WARNING
+        # An outage: its first failure is logged as a WARNING, the next at DEBUG.
+        level = logging.DEBUG if self._next_connect_at else logging.WARNING
+        self._outage_errors = self._outage_errors + 1 if self._next_connect_at else 1
+        if probing or self._next_connect_at == 0.0:
+            self._next_connect_at = time.monotonic() + self._connect_delay
+            self._connect_delay = min(self._connect_delay * 2, self.RECONNECT_MAX_DELAY)
+        return failed, level
+
+    def _open(self, deadline: float) -> PooledConnection:
+        """A new connection in autocommit, its connect cut to the time left."""
+        limit = max(2, math.ceil(deadline - time.monotonic()))
+        if self._connect_timeout > 0:
+            limit = min(limit, self._connect_timeout)
+        conn: PooledConnection = psycopg2.connect(
+            self.settings.dsn,
+            connection_factory=PooledConnection,
+            connect_timeout=limit,
+            **self._connect_kwargs,
+        )
+        try:
+            conn.autocommit = True
+            conn.expires_at = conn.created_at + self.max_lifetime
+            if self.stall_timeout is not None:
+                conn.tcp_ident = _tcp_ident(conn.fileno())
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _unreachable(self, now: float) -> ConnectionFailed:
+        # Caller holds the lock.
+        if self._next_connect_at > now + 0.001 and not self._probing:
+            when = (
+                f"the next attempt is due in {self._next_connect_at - now:.2f} s, "
+                "after this call's timeout"
             )
-            if not ever or time.monotonic() >= deadline:
-                raise failed from exc
-            logger.warning("%s; retrying until the call's timeout", failed.args[0])
-            self._give_back_slot()
-            return None
-        with self._lock:
-            self._opened += 1
-            self._ever_connected = True
-            self._connect_delay = self.RECONNECT_INITIAL_DELAY
-            self._next_connect_at = 0.0
-            self._store.adopt(conn)
-        return conn  # type: ignore[no-any-return]
+        else:
+            when = "no connection could be made within this call's timeout"
+        return ConnectionFailed(
+            f"the server is unreachable (pool {self.name!r}): {when}; "
+            f"the last attempt failed with: {self._last_connect_error}"
+        )
 
     def _usable(self, conn: PooledConnection) -> bool:
         """Whether an idle connection is alive; no round trip unless it is suspect."""
@@ -390,17 +609,17 @@ class ConnectionPool:
     def release(self, conn: PooledConnection) -> None:
         """Give back a connection from :meth:`acquire`; it is cleaned or discarded.
 
-        A connection left in a transaction is rolled back (outside the pool's lock);
-        one that is broken, cannot be rolled back, or is older than ``max_lifetime``
-        is closed and its slot freed for a new one.
+        A connection left in a transaction is rolled back (outside the pool's lock)
+        and its psycopg2 session attributes reset; one that is broken, cannot be
+        cleaned, or is older than ``max_lifetime`` is closed and its slot freed.
         """
         now = time.monotonic()
         if (
             conn.closed
             or conn.get_transaction_status() != _STATUS_IDLE
             or not conn.autocommit
-            or now - conn.created_at > self.max_lifetime
-            or self.leak_threshold is not None
+            or now > conn.expires_at  # also a changed session: see PooledConnection
+            or self._slow_release
         ):
             self._release_slow(conn)
             return
@@ -420,15 +639,24 @@ class ConnectionPool:
         return id(conn) in self._store._rused
 
     def _release_slow(self, conn: PooledConnection) -> None:
-        self._borrowers.pop(id(conn), None)
+        if self._borrowers:
+            self._borrowers.pop(id(conn), None)
         if conn.closed:
             self._discard(conn, lost=True)
             return
-        if conn.get_transaction_status() != _STATUS_IDLE or not conn.autocommit:
-            self._returned_in_transaction += 1
+        in_transaction = (
+            conn.get_transaction_status() != _STATUS_IDLE or not conn.autocommit
+        )
+        if in_transaction or conn.session_changed:
+            if in_transaction:
+                with self._lock:
+                    self._returned_in_transaction += 1
             if not self._clean(conn):
                 self._discard(conn, lost=bool(conn.closed))
                 return
+        if self.reset_session and not self._discard_session_state(conn):
+            self._discard(conn, lost=bool(conn.closed))
+            return
         now = time.monotonic()
         if now - conn.created_at > self.max_lifetime:
             self._discard(conn, lost=False)
@@ -451,23 +679,45 @@ class ConnectionPool:
                         cur.execute("ROLLBACK")
                 else:
                     conn.rollback()
-            conn.set_session(
-                isolation_level="DEFAULT", readonly="default", deferrable="default",
-                autocommit=True,
+            # The base class's methods: PooledConnection's own would mark it again.
+            ext.connection.set_session(
+                conn, isolation_level="DEFAULT", readonly="default",
+                deferrable="default", autocommit=True,
             )  # fmt: skip
+            if conn.session_changed:
+                if conn.encoding != conn.initial_encoding:
+                    ext.connection.set_client_encoding(conn, conn.initial_encoding)
+                _BASE_CURSOR_FACTORY.__set__(conn, None)
+                conn.session_changed = False
+                conn.expires_at = conn.created_at + self.max_lifetime
         except psycopg2.Error:
             return False
         return conn.get_transaction_status() == _STATUS_IDLE
 
+    def _discard_session_state(self, conn: PooledConnection) -> bool:
+        """``DISCARD ALL`` (for ``reset_session``); False if that failed."""
+        try:
+            with conn.cursor() as cur:
+                cur.execute("DISCARD ALL")
+        except psycopg2.Error:
+            return False
+        return True
+
     def _discard(self, conn: PooledConnection, *, lost: bool) -> None:
+        # Forgotten first, under the lock, then closed: the monitor looks only at
+        # connections still registered, so it never reads one being closed.
+        with self._lock:
+            owned = not self._closed and self._owns(conn)
+            if owned:
+                key = self._store._rused.pop(id(conn))
+                del self._store._used[key]
         with contextlib.suppress(psycopg2.Error):
             conn.close()  # outside the lock; a dead connection closes locally
         with self._lock:
             self._discarded += 1
             if lost:
                 self._lost += 1
-            if not self._closed and self._owns(conn):
-                self._store._putconn(conn, close=True)
+            if owned and not self._closed:
                 self._hand_over()
 
     def _give_back_slot(self) -> None:
@@ -555,8 +805,10 @@ class ConnectionPool:
                 connections_discarded=self._discarded,
                 connections_lost=self._lost,
                 connect_errors=self._connect_errors,
+                reconnecting=bool(self._next_connect_at),
                 returned_in_transaction=self._returned_in_transaction,
                 leaks_reported=self._leaks_reported,
+                stalls_detected=self._stalls,
             )
         return result
 
@@ -580,6 +832,7 @@ class ConnectionPool:
                 waiter = self._waiters.popleft()
                 waiter.error = PoolClosed(f"the pool {self.name!r} was closed")
                 waiter.cond.notify()
+            self._connect_turn.notify_all()
         for conn in idle:  # outside the lock: closing a live connection sends a message
             with contextlib.suppress(psycopg2.Error):
                 conn.close()
@@ -590,25 +843,80 @@ class ConnectionPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -------------------------------------------------------------- leaks
+    # ------------------------------------------------- leaks and stalls
     def _watch_for_leak(self, conn: PooledConnection) -> None:
-        stack = "".join(traceback.format_stack(limit=14)[:-4])
-        token = object()
-        self._borrowers[id(conn)] = token
-        assert self.leak_threshold is not None
+        self._borrowers[id(conn)] = _Borrow(time.monotonic(), _borrower_stack())
+        if self._monitor is None:
+            self._start_monitor()
 
-        def report() -> None:
-            if self._borrowers.get(id(conn)) is token:
-                self._leaks_reported += 1
-                logger.warning(
-                    "a connection of the pool %r has been held for more than %.3g s; "
-                    "borrowed at:\n%s",
-                    self.name, self.leak_threshold, stack,
-                )  # fmt: skip
+    def _start_monitor(self) -> None:
+        """Start the thread that looks at the borrowed connections (once per pool).
 
-        timer = threading.Timer(self.leak_threshold, report)
-        timer.daemon = True
-        timer.start()
+        One thread per pool, only when ``leak_threshold`` or ``stall_timeout`` is
+        set; checkouts and returns never wait for it.
+        """
+        periods = [
+            limit / 4
+            for limit in (self.leak_threshold, self.stall_timeout)
+            if limit is not None
+        ]
+        period = min(max(min(periods), 0.01), 1.0)
+        with self._lock:
+            if self._monitor is not None or self._closed:
+                return
+            thread = threading.Thread(
+                target=_run_monitor,
+                args=(weakref.ref(self), period),
+                name=f"pgaccess-monitor-{self.name}",
+                daemon=True,
+            )
+            self._monitor = thread
+        thread.start()
+
+    def _inspect(self) -> None:
+        """One look by the monitor: report leaks, cut stalled connections."""
+        now = time.monotonic()
+        limit = self.leak_threshold
+        if limit is not None and self._borrowers:
+            for borrow in list(self._borrowers.values()):
+                if not borrow.reported and now - borrow.since > limit:
+                    borrow.reported = True  # once per checkout
+                    with self._lock:
+                        self._leaks_reported += 1
+                    logger.warning(
+                        "a connection of the pool %r has been held for more than "
+                        "%.3g s; borrowed at:\n%s",
+                        self.name, limit, borrow.stack,
+                    )  # fmt: skip
+        stall = self.stall_timeout
+        if stall is not None:
+            with self._lock:
+                lent = list(self._store._used.values())
+            for conn in lent:
+                ident = conn.tcp_ident
+                if ident is None:
+                    continue
+                silent = _silent_for(ident)
+                if silent is None or silent < stall:
+                    continue
+                with self._lock:
+                    # Still lent (the pool forgets a connection before closing it,
+                    # so this one is open) and waiting for the reply to a command.
+                    waiting = (
+                        id(conn) in self._store._rused
+                        and not conn.closed
+                        and conn.get_transaction_status() == _STATUS_ACTIVE
+                    )
+                    if waiting:  # counted before the borrower can wake up
+                        self._stalls += 1
+                if waiting and _shut_down(ident):
+                    logger.warning(
+                        "pool %r: a command has waited %.1f s with no byte received "
+                        "or sent (stall_timeout %.3g s); the network path looks dead, "
+                        "so its socket was shut down and the call fails with "
+                        "ConnectionLost",
+                        self.name, silent, stall,
+                    )  # fmt: skip
 
     # --------------------------------------------------------------- fork
     def _after_fork(self) -> None:
@@ -630,6 +938,101 @@ class ConnectionPool:
                 finally:
                     os.close(devnull)
         self._reset_state()
+
+
+def _run_monitor(ref: weakref.ReferenceType[ConnectionPool], period: float) -> None:
+    """The monitor thread: holds its pool weakly, ends when the pool is closed."""
+    me = threading.current_thread()
+    while True:
+        time.sleep(period)
+        pool = ref()
+        if pool is None or pool._closed or pool._monitor is not me:
+            return
+        try:
+            pool._inspect()
+        except Exception:
+            logger.exception("the monitor of the pool %r failed", pool.name)
+        del pool
+
+
+def _borrower_stack(limit: int = 12) -> str:
+    """The caller's stack, from the first frame outside pgaccess and contextlib."""
+    frame: Optional[FrameType] = sys._getframe(1)
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+        or frame.f_code.co_filename == _CONTEXTLIB
+    ):
+        frame = frame.f_back
+    return "".join(traceback.format_stack(frame or sys._getframe(1), limit=limit))
+
+
+def _tcp_ident(fd: int) -> Optional[Tuple[int, Any, Any]]:
+    """(fd, local address, peer address) of a TCP socket; None for a Unix socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        return (fd, sock.getsockname(), sock.getpeername())
+    except OSError:
+        return None
+    finally:
+        sock.detach()  # libpq owns the descriptor
+
+
+def _socket_of(ident: Tuple[int, Any, Any]) -> Optional[socket.socket]:
+    """A socket object on the descriptor, if it is still the same connection.
+
+    The connection may have been closed since, and its number reused by another.
+    The caller must ``detach()`` it: libpq owns the descriptor.
+    """
+    fd, local, peer = ident
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        if sock.getsockname() == local and sock.getpeername() == peer:
+            return sock
+    except OSError:
+        pass
+    sock.detach()
+    return None
+
+
+def _silent_for(ident: Tuple[int, Any, Any]) -> Optional[float]:
+    """Seconds since data last went either way on a TCP connection, as the kernel
+    counts it: ACKs and keepalives do not count, so a path that stopped delivering
+    shows here even when TCP's own timers cannot see it (a proxy or a middlebox that
+    keeps acknowledging, a peer whose kernel answers while its process is frozen)."""
+    sock = _socket_of(ident)
+    if sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)  # type: ignore[arg-type]
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+    sent, _acked, received = _TCP_TIMES.unpack_from(info, _TCP_TIMES_AT)
+    return float(min(sent, received)) / 1000
+
+
+def _shut_down(ident: Tuple[int, Any, Any]) -> bool:
+    """Shut a connection's socket down; the thread blocked in libpq on it wakes up
+    and reports the connection lost."""
+    sock = _socket_of(ident)
+    if sock is None:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+    return True
 
 
 def _reinit_pools_in_child() -> None:

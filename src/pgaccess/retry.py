@@ -301,6 +301,24 @@ def retrying(
     return decorate
 
 
+def retry_within_call(exc: BaseException) -> bool:
+    """For pgaccess's own retries inside one call: transient, and not a failure that
+    already used up the call's time.
+
+    ``PoolTimeout`` and ``ConnectionFailed`` come after the pool has waited (or kept
+    reconnecting) for the caller's whole timeout; retrying them inside the same call
+    would multiply that wait (DESIGN principle 4). They stay transient for
+    ``with_retry`` and ``run_in_transaction``, whose caller chose to wait longer.
+    """
+    return is_transient(exc) and not isinstance(exc, (PoolTimeout, ConnectionFailed))
+
+
+def is_transient_or_unknown(exc: BaseException) -> bool:
+    """For idempotent work inside one call: ``retry_within_call`` errors, and outcomes
+    that may have landed."""
+    return isinstance(exc, CommitOutcomeUnknown) or retry_within_call(exc)
+
+
 # ------------------------------------------------- the pipeline's tables
 def _new_op_id() -> str:
     return str(uuid.uuid4())
@@ -323,7 +341,9 @@ class TablePolicy:
 
     key: Tuple[str, ...]
     generated: Optional[Tuple[str, Callable[[], Any]]] = None
-    policy: RetryPolicy = RetryPolicy(max_attempts=5, delay=0.05, max_delay=1.0)
+    policy: RetryPolicy = RetryPolicy(
+        max_attempts=5, delay=0.05, max_delay=1.0, retry_on=retry_within_call
+    )
 
 
 #: The pipeline's write policies, by table name (with or without a schema).
@@ -345,8 +365,3 @@ def table_policy(table: str) -> Optional[TablePolicy]:
     if policy is None and "." in table:
         policy = TABLE_POLICIES.get(table.rpartition(".")[2])
     return policy
-
-
-def is_transient_or_unknown(exc: BaseException) -> bool:
-    """For idempotent work: transient errors, and outcomes that may have landed."""
-    return isinstance(exc, CommitOutcomeUnknown) or is_transient(exc)

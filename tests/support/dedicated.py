@@ -1,0 +1,114 @@
+"""A PostgreSQL server of a test's own, for the tests that restart or crash it.
+
+The session's server is shared by every xdist worker (and is ``PGACCESS_TEST_DSN``
+when that is set), so a test that restarts, crashes or resizes a server starts its
+own embedded one instead: ``dedicated_server(path)``. It keeps one TCP port and one
+socket directory for its whole life, so DSNs, pools and proxies made before a
+``restart()`` or a ``stop()``/``start()`` reach it again afterwards.
+
+``synchronous_commit`` is on (``durable=False`` turns it off): with it off, a crash
+may lose commits that were acknowledged, which is the server's choice, not a bug of
+the client, and would make "every acknowledged commit survives" untestable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+import psycopg2
+from psycopg2 import sql
+
+from pgaccess import schema
+from pgaccess.embedded import EmbeddedServer
+
+__all__ = ["Dedicated", "dedicated_server"]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Dedicated:
+    """A started EmbeddedServer, plus helpers for databases and backends on it."""
+
+    def __init__(self, server: EmbeddedServer, port: int) -> None:
+        self.server = server
+        self.port = port
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        """Over the Unix socket (the same path across restarts)."""
+        host = self.server.socket_dir
+        return f"host={host} port={self.port} user=postgres dbname={dbname}"
+
+    def tcp_dsn(self, dbname: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
+
+    def new_database(self, prefix: str = "t", *, pipeline: bool = True) -> str:
+        """A new, empty database (with the pipeline's schema); returns its name."""
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        self.server.create_database(name)
+        if pipeline:
+            schema.apply(self.dsn(name))
+        return name
+
+    def execute(self, dbname: str, statement: Any, params: Any = None) -> List[Any]:
+        """Run one statement on a fresh connection (not pgaccess's); return its rows."""
+        conn = psycopg2.connect(self.dsn(dbname))
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(statement, params)
+                return cur.fetchall() if cur.description is not None else []
+        finally:
+            conn.close()
+
+    def backends(self, dbname: str, application_name: str = "pgaccess") -> List[int]:
+        """The pids of the sessions of ``application_name`` on ``dbname``."""
+        rows = self.execute(
+            dbname,
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s "
+            "AND application_name = %s AND pid <> pg_backend_pid()",
+            (dbname, application_name),
+        )
+        return [r[0] for r in rows]
+
+    def terminate(self, dbname: str, application_name: str = "pgaccess") -> int:
+        """pg_terminate_backend every session of ``application_name`` on ``dbname``."""
+        rows = self.execute(
+            dbname,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = %s AND application_name = %s AND pid <> pg_backend_pid()",
+            (dbname, application_name),
+        )
+        return int(rows[0][0])
+
+    def drop_database(self, name: str) -> None:
+        with contextlib.suppress(psycopg2.Error):
+            self.execute(
+                "postgres",
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(name)
+                ),
+            )
+
+
+@contextlib.contextmanager
+def dedicated_server(
+    root: Path, settings: Optional[dict[str, Any]] = None
+) -> Iterator[Dedicated]:
+    """Start a throwaway server in ``root``; stop and delete it afterwards."""
+    port = _free_port()
+    conf: dict[str, Any] = {"synchronous_commit": "on", "port": port}
+    conf.update(settings or {})
+    server = EmbeddedServer(root / "data", durable=False, settings=conf)
+    try:
+        server.start()
+        yield Dedicated(server, port)
+    finally:
+        server.destroy()
