@@ -323,9 +323,12 @@ def test_facade_call_in_an_outage_fails_within_the_timeout(
 # ------------------------------------------------ 2. crash mid-commit
 SLOW_COMMITS = """
 CREATE TABLE ledger (id bigserial PRIMARY KEY, op bigint NOT NULL);
--- A deferred trigger runs at COMMIT: commits take 30 ms, so a crash catches some.
+-- A deferred trigger runs at COMMIT. It takes advisory lock 42 shared, so while the
+-- test holds it exclusively every COMMIT waits in flight: the crash is sure to catch
+-- some, whatever the machine's load. Otherwise a commit takes 30 ms.
 CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN PERFORM pg_sleep(0.03); RETURN NULL; END $$;
+BEGIN PERFORM pg_advisory_xact_lock_shared(42); PERFORM pg_sleep(0.03);
+RETURN NULL; END $$;
 CREATE CONSTRAINT TRIGGER ledger_slow_commit AFTER INSERT ON ledger
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
 -- And autocommit inserts of metrics take 30 ms too.
@@ -373,9 +376,14 @@ def test_crash_mid_commit_loses_no_acknowledged_commit(
     for t in workers:
         t.start()
     barrier.wait(timeout=30)
+    gate = psycopg2.connect(dedicated.dsn(dbname))
+    gate.autocommit = True
     try:
         time.sleep(1.0)
-        dedicated.server.stop("immediate")  # a crash: no checkpoint, no goodbye
+        with gate.cursor() as cur:  # from now on every COMMIT waits in flight ...
+            cur.execute("SELECT pg_advisory_lock(42)")
+        time.sleep(0.5)
+        dedicated.server.stop("immediate")  # ... when the crash comes: no goodbye
         time.sleep(0.3)
         dedicated.server.start()  # crash recovery
         back = time.monotonic()
@@ -383,6 +391,7 @@ def test_crash_mid_commit_loses_no_acknowledged_commit(
     finally:
         stop.set()
         join_all(workers, 60)
+        gate.close()
     db.close()
 
     rows: Dict[int, int] = {}
@@ -563,9 +572,10 @@ def test_unreachable_server_calls_fail_in_time_and_reconnects_back_off(
     stop.set()
     join_all(threads, 10)
 
-    # Every call, failed or not, returned within its timeout.
+    # Every call, failed or not, returned within its timeout (plus scheduling slack:
+    # on a loaded 2-core machine a woken thread can wait a few hundred ms for a core).
     slowest = max(c.duration for c in calls)
-    assert slowest <= timeout + 0.3, f"a call took {slowest:.2f} s"
+    assert slowest <= timeout + 0.6, f"a call took {slowest:.2f} s"
     failed = [c for c in calls if not c.ok]
     assert failed and all(isinstance(c.outcome, EXPECTED_IN_FAULTS) for c in failed)
     assert not [c for c in calls if c.ok and fault_start + 0.1 < c.ended < back - 0.1]
