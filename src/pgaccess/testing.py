@@ -62,31 +62,25 @@ class TestServer:
 
     def create_database(self, name: str) -> str:
         """(Re)create database ``name``, empty; return its DSN."""
-        conn = psycopg2.connect(self.admin_dsn)
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                        sql.Identifier(name)
-                    )
-                )
-                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        finally:
-            conn.close()
+        self.drop_database(name)
+        self._admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.dsn(name)
 
     def drop_database(self, name: str) -> None:
         """Drop database ``name``, ending its sessions."""
+        self._admin(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)
+            )
+        )
+
+    def _admin(self, statement: sql.Composable) -> None:
+        # CREATE/DROP DATABASE cannot run in a transaction: a connection in autocommit.
         conn = psycopg2.connect(self.admin_dsn)
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
-                cur.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                        sql.Identifier(name)
-                    )
-                )
+                cur.execute(statement)
         finally:
             conn.close()
 
