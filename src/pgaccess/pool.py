@@ -12,7 +12,13 @@ known faults cannot happen:
   here its ``minconn`` is set to the maximum, so returned connections stay open;
 - it rolls back inside ``putconn`` under its lock, and loses the slot for good if that
   ``rollback()`` raises: here the rollback happens before ``putconn``, outside the lock,
-  and a connection that cannot be cleaned goes back with ``putconn(conn, close=True)``.
+  and a connection that cannot be cleaned is forgotten and closed, its slot freed.
+
+And what it never did: when connects fail (a restart, a full server, a network
+fault), callers take turns, one attempt at a time with a doubling delay, and take
+the connections given back meanwhile; session attributes changed through psycopg2
+are reset on return; a forked child leaves its parent's sockets alone; leak reports
+and stall detection, when asked for, run in one monitor thread per pool.
 
 Sizing: every process has its own pool, so processes x ``maxconn`` must fit within the
 server's ``max_connections`` (less its reserved slots), or within PgBouncer's pool.

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import psycopg2
 from psycopg2 import sql
@@ -34,12 +35,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _explained(action: Callable[..., Any], *args: Any) -> None:
+    try:
+        action(*args)
+    except subprocess.CalledProcessError as exc:
+        err = exc.stderr.decode(errors="replace") if exc.stderr else ""
+        raise RuntimeError(
+            f"pg_ctl {exc.cmd[3] if len(exc.cmd) > 3 else ''} failed "
+            f"({exc.returncode}): {err.strip()}"
+        ) from exc
+
+
 class Dedicated:
     """A started EmbeddedServer, plus helpers for databases and backends on it."""
 
     def __init__(self, server: EmbeddedServer, port: int) -> None:
         self.server = server
         self.port = port
+
+    # pg_ctl's own words, which EmbeddedServer keeps in CalledProcessError.stderr.
+    def restart(self, mode: str = "fast") -> None:
+        _explained(self.server.restart, mode)
+
+    def stop(self, mode: str = "fast") -> None:
+        _explained(self.server.stop, mode)
+
+    def start(self) -> None:
+        _explained(self.server.start)
 
     def dsn(self, dbname: str = "postgres") -> str:
         """Over the Unix socket (the same path across restarts)."""

@@ -378,7 +378,7 @@ class Soak:
     # ------------------------------------------------------------- faults
     def inject(self, kind: str, proxy: ProxyProcess) -> None:
         if kind == "restart":
-            self.server.server.restart("fast")
+            self.server.restart("fast")
         elif kind == "terminate":
             self.server.terminate(self.dbname)
         elif kind == "refuse":
