@@ -231,17 +231,15 @@ class Operations:
             else _names_key(columns)
         )
         key = ("one", table, shape, cols, q.order_key(order_by))
-        st = q._cache.get(key)
-        if st is None:
-            st = q.statement(
-                key,
-                lambda: sql.SQL("SELECT {} FROM {}{}{} LIMIT 1").format(
-                    q.columns_sql(columns),
-                    q.table_identifier(table),
-                    q.compile_where(shape),
-                    q.compile_order_by(order_by),
-                ),
-            )
+        st = q._cache.get(key) or q.statement(
+            key,
+            lambda: sql.SQL("SELECT {} FROM {}{}{} LIMIT 1").format(
+                q.columns_sql(columns),
+                q.table_identifier(table),
+                q.compile_where(shape),
+                q.compile_order_by(order_by),
+            ),
+        )
         try:
             return self._read(st, params, ONE)  # type: ignore[no-any-return]
         except (UnknownColumn, UnknownTable) as exc:
@@ -277,19 +275,17 @@ class Operations:
             limit is None,
             offset is None,
         )
-        st = q._cache.get(key)
-        if st is None:
-            st = q.statement(
-                key,
-                lambda: sql.SQL("SELECT {} FROM {}{}{}{}{}").format(
-                    q.columns_sql(columns),
-                    q.table_identifier(table),
-                    q.compile_where(shape),
-                    q.compile_order_by(order_by),
-                    sql.SQL(" LIMIT %s" if limit is not None else ""),
-                    sql.SQL(" OFFSET %s" if offset is not None else ""),
-                ),
-            )
+        st = q._cache.get(key) or q.statement(
+            key,
+            lambda: sql.SQL("SELECT {} FROM {}{}{}{}{}").format(
+                q.columns_sql(columns),
+                q.table_identifier(table),
+                q.compile_where(shape),
+                q.compile_order_by(order_by),
+                sql.SQL(" LIMIT %s" if limit is not None else ""),
+                sql.SQL(" OFFSET %s" if offset is not None else ""),
+            ),
+        )
         if limit is not None:
             params.append(limit)
         if offset is not None:
@@ -315,14 +311,12 @@ class Operations:
         """The one value of a read over ``table`` filtered by ``where``."""
         shape, params = q.where_shape(where)
         key = (template, table, shape)
-        st = q._cache.get(key)
-        if st is None:
-            st = q.statement(
-                key,
-                lambda: sql.SQL(template).format(
-                    q.table_identifier(table), q.compile_where(shape)
-                ),
-            )
+        st = q._cache.get(key) or q.statement(
+            key,
+            lambda: sql.SQL(template).format(
+                q.table_identifier(table), q.compile_where(shape)
+            ),
+        )
         try:
             return self._read(st, params, SCALAR)
         except (UnknownColumn, UnknownTable) as exc:
@@ -350,9 +344,9 @@ class Operations:
         cols = _data_columns(data)
         ret = _names_key(returning)
         key = ("insert", table, cols, ret)
-        st = q._cache.get(key)
-        if st is None:
-            st = q.statement(key, lambda: _insert_sql(table, cols, returning))
+        st = q._cache.get(key) or q.statement(
+            key, lambda: _insert_sql(table, cols, returning)
+        )
         params = list(data.values())
         mode = (
             ROWCOUNT if returning is None else (SCALAR if _single(returning) else ONE)
@@ -461,19 +455,17 @@ class Operations:
         shape, where_params = q.where_shape(where)
         _guard_all_rows("update", shape, all_rows)
         key = ("update", table, cols, shape)
-        st = q._cache.get(key)
-        if st is None:
-            st = q.statement(
-                key,
-                lambda: sql.SQL("UPDATE {} SET {}{}").format(
-                    q.table_identifier(table),
-                    sql.SQL(", ").join(
-                        sql.SQL("{} = %s").format(sql.Identifier(q.identifier(c)))
-                        for c in cols
-                    ),
-                    q.compile_where(shape),
+        st = q._cache.get(key) or q.statement(
+            key,
+            lambda: sql.SQL("UPDATE {} SET {}{}").format(
+                q.table_identifier(table),
+                sql.SQL(", ").join(
+                    sql.SQL("{} = %s").format(sql.Identifier(q.identifier(c)))
+                    for c in cols
                 ),
-            )
+                q.compile_where(shape),
+            ),
+        )
         try:
             return self._idempotent_write(table, st, [*data.values(), *where_params])
         except (UnknownColumn, UnknownTable) as exc:
@@ -495,14 +487,12 @@ class Operations:
         shape, params = q.where_shape(where)
         _guard_all_rows("delete", shape, all_rows)
         key = ("delete", table, shape)
-        st = q._cache.get(key)
-        if st is None:
-            st = q.statement(
-                key,
-                lambda: sql.SQL("DELETE FROM {}{}").format(
-                    q.table_identifier(table), q.compile_where(shape)
-                ),
-            )
+        st = q._cache.get(key) or q.statement(
+            key,
+            lambda: sql.SQL("DELETE FROM {}{}").format(
+                q.table_identifier(table), q.compile_where(shape)
+            ),
+        )
         try:
             return self._idempotent_write(table, st, params)
         except (UnknownColumn, UnknownTable) as exc:
@@ -537,9 +527,9 @@ class Operations:
         if any(c not in data for c in update):
             raise InvalidQuery(f"upsert: update columns {list(update)} must be in data")
         key = ("upsert", table, cols, conflict, update)
-        st = q._cache.get(key)
-        if st is None:
-            st = q.statement(key, lambda: _upsert_sql(table, cols, conflict, update))
+        st = q._cache.get(key) or q.statement(
+            key, lambda: _upsert_sql(table, cols, conflict, update)
+        )
         params = list(data.values())
         if not update:
             params += [data[c] for c in conflict]
