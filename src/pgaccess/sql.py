@@ -253,12 +253,18 @@ def returning_sql(returning: Union[str, Sequence[str], None]) -> sql.Composable:
     return sql.SQL(" RETURNING ") + columns_sql(returning)
 
 
+_BIGINT_MAX = 2**63 - 1
+
+
 def check_count(value: Any, what: str) -> Optional[int]:
-    """A LIMIT or OFFSET value: None or an int >= 0 (bool and strings rejected)."""
+    """A LIMIT or OFFSET value: None or an int from 0 to 2**63 - 1 (the server's
+    bigint); bools, strings and floats are rejected."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidQuery(f"{what} must be a non-negative integer, got {value!r}")
+    if value > _BIGINT_MAX:
+        raise InvalidQuery(f"{what} must be at most 2**63 - 1, got {value}")
     return value
 
 
