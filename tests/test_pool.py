@@ -371,6 +371,22 @@ def test_settings_come_from_arguments_then_environment() -> None:
         Settings.resolve(environ={"PGACCESS_POOL_SIZE": "zero"})
 
 
+def test_a_facade_on_a_given_pool_reads_only_its_own_variable(
+    pgaccess_pool: ConnectionPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pool's variables were the pool's business: malformed ones do not stop a
+    # facade made on a pool that exists; the facade's own one is still checked.
+    monkeypatch.setenv("PGACCESS_POOL_TIMEOUT", "soon")
+    monkeypatch.setenv("PGACCESS_POOL_SIZE", "many")
+    monkeypatch.setenv("PGACCESS_SLOW_QUERY_MS", "250")
+    db = Database(pool=pgaccess_pool)
+    assert db.slow_query_ms == 250.0
+    assert db.find_one("video_job", {"id": -1}) is None
+    monkeypatch.setenv("PGACCESS_SLOW_QUERY_MS", "slow")
+    with pytest.raises(ValueError, match="PGACCESS_SLOW_QUERY_MS='slow'"):
+        Database(pool=pgaccess_pool)
+
+
 def test_passwords_never_shown() -> None:
     assert "hunter2" not in redact_dsn("postgresql://u:hunter2@h/db")
     assert "hunter2" not in redact_dsn("host=h password=hunter2 dbname=x")

@@ -55,6 +55,14 @@ def _non_negative_float(raw: str) -> float:
     return value
 
 
+def slow_query_ms_from_env(
+    environ: Optional[Mapping[str, str]] = None,
+) -> Optional[float]:
+    """``PGACCESS_SLOW_QUERY_MS``, or None when unset; ``ValueError`` when malformed."""
+    env = os.environ if environ is None else environ
+    return _env(env, "PGACCESS_SLOW_QUERY_MS", _non_negative_float, "milliseconds")
+
+
 _PASSWORD_IN_URL = re.compile(r"(://[^:/?#@]*:)[^@/?#]*@")
 _PASSWORD_IN_KV = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
@@ -106,9 +114,7 @@ class Settings:
                 env, "PGACCESS_STATEMENT_TIMEOUT", _positive_int, "milliseconds (> 0)"
             )
         if slow_query_ms is None:
-            slow_query_ms = _env(
-                env, "PGACCESS_SLOW_QUERY_MS", _non_negative_float, "milliseconds"
-            )
+            slow_query_ms = slow_query_ms_from_env(env)
         if maxconn is not None and maxconn < 1:
             raise ValueError(f"maxconn must be at least 1, got {maxconn}")
         if timeout is not None and not timeout >= 0:

@@ -17,7 +17,7 @@ import psycopg2
 from psycopg2 import sql
 
 from . import sql as q
-from .config import Settings
+from .config import slow_query_ms_from_env
 from .errors import (
     CommitOutcomeUnknown,
     DatabaseError,
@@ -81,7 +81,8 @@ class Database(Operations):
             max_attempts=5, delay=0.02, max_delay=1.0
         )
         if slow_query_ms is None:
-            slow_query_ms = Settings.resolve(maxconn=1).slow_query_ms
+            # Only the variable this facade uses: the pool's were read by the pool.
+            slow_query_ms = slow_query_ms_from_env()
         self.slow_query_ms = slow_query_ms
         # Per-statement counts cost a lock and a dict update per call; off, nothing.
         self._record = record if query_stats else _ignore
