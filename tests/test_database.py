@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import psycopg2
 import psycopg2.extras
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg2 import sql
 from support.raw import Raw
 
@@ -521,6 +523,61 @@ def test_insert_many_copy_path_values(db: Database, raw: Raw, scratch: str) -> N
             assert _same(want[col], got[col]), (col, want[col], got[col])
 
 
+def _maybe(values: st.SearchStrategy[Any], nulls: bool) -> st.SearchStrategy[Any]:
+    return st.one_of(st.none(), values) if nulls else values
+
+
+@st.composite
+def copy_tables(draw: Any) -> List[Dict[str, Any]]:
+    """Rows whose columns take each shape the COPY encoder handles: one type, one
+    type with NULLs, all NULL, mixed types; text with and without characters to
+    escape; floats finite or not."""
+    text = st.one_of(
+        st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00")),
+        st.sampled_from(["\\N", "\\.", "a\tb", "a\nb", "\r", "\\"]),
+    )
+    plain_text = st.from_regex(r"[a-z/ .0-9]{0,12}", fullmatch=True)
+    columns = {
+        "t": draw(st.sampled_from([text, plain_text, st.none()])),
+        "i": draw(st.sampled_from([st.integers(-(2**63), 2**63 - 1), st.none()])),
+        "f": draw(
+            st.sampled_from(
+                [st.floats(), st.floats(allow_nan=False, allow_infinity=False)]
+            )
+        ),
+        "n": st.one_of(
+            st.integers(-(10**20), 10**20),
+            st.decimals(allow_nan=False, allow_infinity=False, places=3),
+        ),
+        "b": st.booleans(),
+        "ts": st.datetimes(),
+    }
+    nulls = {c: draw(st.booleans()) for c in columns}
+    n = draw(st.integers(1, 40))
+    return [
+        {"k": k, **{c: draw(_maybe(v, nulls[c])) for c, v in columns.items()}}
+        for k in range(n)
+    ]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(rows=copy_tables())
+def test_insert_many_copy_round_trips_every_column_shape(
+    db: Database, raw: Raw, rows: List[Dict[str, Any]]
+) -> None:
+    raw.rows("DROP TABLE IF EXISTS scratch_values")
+    raw.rows(SCRATCH_DDL)
+    assert db.insert_many("scratch_values", rows) == len(rows)
+    stored = _stored(raw, list(rows[0]))
+    for want, got in zip(rows, stored):
+        for col in want:
+            assert _same(want[col], got[col]), (col, want[col], got[col])
+
+
 def test_insert_many_copy_into_video_job(db: Database, raw: Raw) -> None:
     rows = [
         {"src_hash": f"c{i}", "input_path": f"/v/{i}", "priority": i} for i in range(50)
@@ -954,6 +1011,15 @@ def test_nul_in_insert_is_a_clear_data_error(
 def test_nul_in_insert_many_copy_path(db: Database, raw: Raw, scratch: str) -> None:
     with pytest.raises(DataError):
         db.insert_many(scratch, [{"k": 1, "t": "ok"}, {"k": 2, "t": NUL_TEXT}])
+    assert raw.one("SELECT count(*) FROM scratch_values") == 0
+
+
+def test_nul_in_insert_many_copy_path_beside_nulls(
+    db: Database, raw: Raw, scratch: str
+) -> None:
+    rows = [{"k": 1, "t": None}, {"k": 2, "t": "ok"}, {"k": 3, "t": NUL_TEXT}]
+    with pytest.raises(DataError, match="NUL"):
+        db.insert_many(scratch, rows)
     assert raw.one("SELECT count(*) FROM scratch_values") == 0
 
 

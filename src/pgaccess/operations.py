@@ -12,6 +12,7 @@ import datetime
 import decimal
 import io
 import logging
+import math
 import threading
 import uuid
 from typing import (
@@ -178,21 +179,68 @@ _COPY_FORMAT: Dict[type, Callable[[Any], str]] = {
 }
 
 
+_NoneType = type(None)
+_COPY_SPECIAL = ("\\", "\t", "\n", "\r", "\x00")
+
+
+def _copy_column(values: Sequence[Any]) -> Optional[List[str]]:
+    """One column of rows in COPY text form, or None if a value has no exact one.
+
+    Column by column, so that the common case (every value of one type) is a ``map``
+    over the column in C, not a dictionary lookup and a call per value.
+    """
+    types = set(map(type, values))
+    nulls = _NoneType in types
+    types.discard(_NoneType)
+    if not types:
+        return ["\\N"] * len(values)
+    if len(types) > 1:
+        return _copy_values(values)  # mixed, e.g. int and Decimal: value by value
+    if nulls:  # encode the others as a column, then put the NULLs back
+        present = _copy_column([v for v in values if v is not None])
+        if present is None:
+            return None
+        encoded = iter(present)
+        return ["\\N" if v is None else next(encoded) for v in values]
+    kind = types.pop()
+    if kind is str:
+        text = "".join(values)
+        if any(c in text for c in _COPY_SPECIAL):  # rare: escape (and check NUL)
+            return [_copy_str(v) for v in values]
+        return list(values)
+    if kind is float:
+        if all(map(math.isfinite, values)):
+            return list(map(repr, values))
+        return [_copy_float(v) for v in values]
+    conv = _COPY_FORMAT.get(kind)
+    if conv is None:
+        return None
+    return list(map(conv, values))
+
+
+def _copy_values(values: Sequence[Any]) -> Optional[List[str]]:
+    fmt = _COPY_FORMAT
+    out = []
+    for v in values:
+        if v is None:
+            out.append("\\N")
+            continue
+        conv = fmt.get(type(v))
+        if conv is None:
+            return None
+        out.append(conv(v))
+    return out
+
+
 def _copy_buffer(rows: Sequence[Sequence[Any]]) -> Optional[io.StringIO]:
     """The rows in COPY text format, or None if a value has no exact text form."""
-    fmt = _COPY_FORMAT
-    lines = []
-    for row in rows:
-        fields = []
-        for v in row:
-            if v is None:
-                fields.append("\\N")
-                continue
-            conv = fmt.get(type(v))
-            if conv is None:
-                return None
-            fields.append(conv(v))
-        lines.append("\t".join(fields))
+    columns = []
+    for values in zip(*rows):
+        column = _copy_column(values)
+        if column is None:
+            return None
+        columns.append(column)
+    lines = list(map("\t".join, zip(*columns)))
     lines.append("")
     return io.StringIO("\n".join(lines))
 
