@@ -42,8 +42,12 @@ PAUSE_SECONDS = 2.5
 
 def _context() -> ForkServerContext:
     ctx = multiprocessing.get_context("forkserver")
-    # Preloaded by the fork server once: each worker start is then a plain fork.
-    ctx.set_forkserver_preload(["support.chaos"])
+    # Imported by the fork server once, so a worker start is a fork, not an import
+    # of psycopg2 and pgaccess (200 ms). Not support.chaos: the fork server is
+    # started without the tests' sys.path (3.11's forkserver.main takes it and does
+    # not use it) and skips a preload that fails without a word; each child imports
+    # that small module itself.
+    ctx.set_forkserver_preload(["pgaccess", "pgaccess.jobs"])
     return ctx
 
 
