@@ -6,8 +6,10 @@ psycopg2 connection, never from pgaccess itself.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import threading
+import types
 import uuid
 from decimal import Decimal
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -685,7 +687,28 @@ def test_insert_many_rows_must_share_columns(db: Database, raw: Raw) -> None:
         db.insert_many("video_job", [{"src_hash": "a"}, {"input_path": "b"}])
     with pytest.raises(InvalidQuery):
         db.insert_many("video_job", [{"src_hash": "a"}, ["b"]])
+    with pytest.raises(InvalidQuery, match="row 1 has columns"):  # keys, not just count
+        db.insert_many("video_job", [{"src_hash": "a"}, {"src_hash2": "b"}])
+    with pytest.raises(InvalidQuery, match="no columns"):
+        db.insert_many("video_job", [{}, {}])
+    with pytest.raises(InvalidQuery, match="no columns"):
+        db.insert_many("video_job", [{}], returning="id")
     assert raw.one("SELECT count(*) FROM video_job") == 0
+
+
+def test_insert_many_takes_any_mapping_in_any_key_order(db: Database, raw: Raw) -> None:
+    rows: List[Any] = [
+        {"src_hash": "a", "priority": 1},
+        {"priority": 2, "src_hash": "b"},
+        types.MappingProxyType({"priority": 3, "src_hash": "c"}),
+        collections.OrderedDict([("src_hash", "d"), ("priority", 4)]),
+    ]
+    for returning in (None, "id"):
+        raw.rows("TRUNCATE video_job CASCADE")
+        db.insert_many("video_job", rows, returning=returning)
+        assert raw.rows(
+            "SELECT src_hash, priority FROM video_job ORDER BY priority"
+        ) == [("a", 1), ("b", 2), ("c", 3), ("d", 4)]
 
 
 def test_insert_many_empty(db: Database) -> None:

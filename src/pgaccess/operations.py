@@ -13,6 +13,7 @@ import decimal
 import io
 import logging
 import math
+import operator
 import threading
 import uuid
 from typing import (
@@ -232,15 +233,16 @@ def _copy_values(values: Sequence[Any]) -> Optional[List[str]]:
     return out
 
 
-def _copy_buffer(rows: Sequence[Sequence[Any]]) -> Optional[io.StringIO]:
-    """The rows in COPY text format, or None if a value has no exact text form."""
-    columns = []
-    for values in zip(*rows):
+def _copy_buffer(columns: Sequence[Sequence[Any]]) -> Optional[io.StringIO]:
+    """Rows, given as their columns, in COPY text format; None if a value has no
+    exact text form."""
+    encoded = []
+    for values in columns:
         column = _copy_column(values)
         if column is None:
             return None
-        columns.append(column)
-    lines = list(map("\t".join, zip(*columns)))
+        encoded.append(column)
+    lines = list(map("\t".join, zip(*encoded)))
     lines.append("")
     return io.StringIO("\n".join(lines))
 
@@ -440,20 +442,27 @@ class Operations:
         if not rows:
             return [] if returning is not None else 0
         cols = _data_columns(rows[0])
-        values = []
+        if not cols:
+            raise InvalidQuery(
+                "insert_many: row 0 has no columns (insert(table, {}) inserts a row "
+                "of defaults)"
+            )
+        keys = rows[0].keys()
         for i, row in enumerate(rows):
-            if not isinstance(row, Mapping):
+            # Key views compare as sets, in C for dicts: one check per row.
+            if type(row) is not dict and not isinstance(row, Mapping):
                 raise InvalidQuery(f"insert_many: row {i} is not a dict")
-            if len(row) != len(cols) or any(c not in row for c in cols):
+            if row.keys() != keys:
                 raise InvalidQuery(
                     f"insert_many: row {i} has columns {sorted(row)}, "
                     f"row 0 has {sorted(cols)}; every row needs the same columns"
                 )
-            values.append([row[c] for c in cols])
         target = q.table_identifier(table)
         col_sql = sql.SQL(", ").join(sql.Identifier(q.identifier(c)) for c in cols)
         if returning is None:
-            buffer = _copy_buffer(values)
+            buffer = _copy_buffer(
+                [list(map(operator.itemgetter(c), rows)) for c in cols]
+            )
             if buffer is not None:
                 copy = sql.SQL("COPY {} ({}) FROM STDIN").format(target, col_sql)
 
@@ -467,6 +476,10 @@ class Operations:
                     raise self._explain(exc, table, cols) from exc.__cause__
         ret = q.returning_sql(returning)
         stmt = sql.SQL("INSERT INTO {} ({}) VALUES %s{}").format(target, col_sql, ret)
+        pick = operator.itemgetter(*cols)
+        values: List[Sequence[Any]] = (
+            list(map(pick, rows)) if len(cols) > 1 else [(pick(r),) for r in rows]
+        )
 
         def run_pages(ops: Operations) -> Any:
             def pages(cur: Any) -> Any:
