@@ -43,10 +43,10 @@ PAUSE_SECONDS = 2.5
 def _context() -> ForkServerContext:
     ctx = multiprocessing.get_context("forkserver")
     # Imported by the fork server once, so a worker start is a fork, not an import
-    # of psycopg2 and pgaccess (200 ms). Not support.chaos: the fork server is
-    # started without the tests' sys.path (3.11's forkserver.main takes it and does
-    # not use it) and skips a preload that fails without a word; each child imports
-    # that small module itself.
+    # of psycopg2 and pgaccess (200 ms). Not support.chaos: before CPython's fix of
+    # gh-117378 (3.12 and 3.13 releases) the fork server ignores the tests'
+    # sys.path, and it skips a preload that fails without a word; each child
+    # imports that small module itself.
     ctx.set_forkserver_preload(["pgaccess", "pgaccess.jobs"])
     return ctx
 
@@ -308,6 +308,7 @@ def test_queue_exactly_once_while_workers_are_killed(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slow")  # one after the other: each measures load
 def test_queue_exactly_once_while_workers_are_killed_for_a_minute(
     db: Database, pgaccess_dsn: str, tmp_path: Path
 ) -> None:

@@ -265,6 +265,7 @@ def test_inserts_survive_a_fast_restart(dedicated: Dedicated) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slow")  # one after the other: each measures load
 def test_inserts_survive_fast_restarts_for_20_seconds(dedicated: Dedicated) -> None:
     run_inserts_across_restarts(dedicated, 20.0, [5.0, 12.0])
 

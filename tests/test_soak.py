@@ -67,6 +67,7 @@ def test_soak_short(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slow")  # one after the other: each measures load
 def test_soak(tmp_path: Path) -> None:
     seconds = float(os.environ.get("PGACCESS_SOAK_SECONDS", "1800"))
     config = SoakConfig(
