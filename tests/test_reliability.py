@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +30,8 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 import pytest
+from support.blackhole import blackhole
+from support.blackhole import unavailable as blackhole_unavailable
 from support.dedicated import Dedicated, dedicated_server
 from support.faultproxy import FaultProxy
 
@@ -44,6 +47,7 @@ from pgaccess import (
     QueryCanceled,
     UnknownTable,
 )
+from pgaccess.pool import CONNECT_DEFAULTS
 
 pytestmark = pytest.mark.faults
 
@@ -602,6 +606,143 @@ def test_unreachable_server_calls_fail_in_time_and_reconnects_back_off(
 
 
 # ------------------------------------------------------- 6. blackhole
+# A real blackhole (tests/support/blackhole.py): packets dropped, nothing answers.
+needs_blackhole = pytest.mark.skipif(
+    blackhole_unavailable() is not None, reason=str(blackhole_unavailable())
+)
+needs_tcp_options = pytest.mark.skipif(
+    not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux socket options"
+)
+
+# A client on psycopg2's defaults: connects, says so, runs SELECT 1 when told.
+PLAIN_CLIENT = r"""
+import sys, psycopg2
+conn = psycopg2.connect(sys.argv[1])
+conn.autocommit = True
+cur = conn.cursor()
+print("ready", flush=True)
+sys.stdin.readline()
+cur.execute("SELECT 1")
+print("answered", cur.fetchone()[0], flush=True)
+"""
+
+
+def dead_peer_options(conn: Any) -> Dict[str, int]:
+    """The dead-peer settings on a connection's own socket, as the kernel has them."""
+    with socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:
+        tcp = socket.IPPROTO_TCP
+        return {
+            "keepalives": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            "keepalives_idle": sock.getsockopt(tcp, socket.TCP_KEEPIDLE),
+            "keepalives_interval": sock.getsockopt(tcp, socket.TCP_KEEPINTVL),
+            "keepalives_count": sock.getsockopt(tcp, socket.TCP_KEEPCNT),
+            "tcp_user_timeout": sock.getsockopt(tcp, socket.TCP_USER_TIMEOUT),
+        }
+
+
+@needs_tcp_options
+def test_dead_peer_settings_are_on_the_socket_and_yield_to_the_dsn(
+    make_pool: MakePool, proxy_dsn: str
+) -> None:
+    defaults = {k: v for k, v in CONNECT_DEFAULTS.items() if k != "application_name"}
+    plain = psycopg2.connect(proxy_dsn)
+    try:
+        assert dead_peer_options(plain)["tcp_user_timeout"] == 0  # psycopg2: none
+    finally:
+        plain.close()
+
+    pool = make_pool(proxy_dsn, maxconn=1)
+    with pool.connection() as conn, conn.cursor() as cur:
+        assert dead_peer_options(conn) == defaults
+        cur.execute("SHOW application_name")
+        assert cur.fetchone()[0] == CONNECT_DEFAULTS["application_name"]
+
+    # What the DSN sets is kept; pgaccess fills in only the rest.
+    mine = {"keepalives_idle": 30, "tcp_user_timeout": 20_000}
+    dsn = psycopg2.extensions.make_dsn(proxy_dsn, application_name="mine", **mine)
+    pool = make_pool(dsn, maxconn=1)
+    with pool.connection() as conn, conn.cursor() as cur:
+        assert dead_peer_options(conn) == {**defaults, **mine}
+        cur.execute("SHOW application_name")
+        assert cur.fetchone()[0] == "mine"
+
+    # And a keyword argument of the pool's overrides both.
+    pool = make_pool(dsn, maxconn=1, keepalives_idle=7)
+    with pool.connection() as conn:
+        assert dead_peer_options(conn) == {**defaults, **mine, "keepalives_idle": 7}
+
+
+@needs_blackhole
+def test_blackholed_path_fails_a_statement_within_10_s_by_default(
+    make_pool: MakePool, fault_proxy: FaultProxy, proxy_dsn: str
+) -> None:
+    pool = make_pool(proxy_dsn, maxconn=1, timeout=30)
+    db = Database(pool=pool, retry_reads=False)
+    before = backend_pid(pool)
+    plain = subprocess.Popen(
+        [sys.executable, "-c", PLAIN_CLIENT, proxy_dsn],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert plain.stdin is not None and plain.stdout is not None
+    try:
+        assert plain.stdout.readline().strip() == "ready"
+        with blackhole(fault_proxy.port):
+            plain.stdin.write("go\n")
+            plain.stdin.flush()
+            call = timed(None, lambda: db.execute("SELECT 1 AS one"))
+            plain_waiting = plain.poll() is None
+    finally:
+        plain.kill()
+        told, _ = plain.communicate(timeout=10)
+    # Nothing acknowledged the statement: tcp_user_timeout (8 s) failed the call.
+    assert isinstance(call.outcome, ConnectionLost), repr(call.outcome)
+    assert 6.0 < call.duration < 10.0, call.duration
+    # psycopg2's defaults, in the same blackhole at the same time: still waiting.
+    assert plain_waiting and "answered" not in told
+    print(f"statement into the blackhole failed after {call.duration:.2f} s")
+    assert backend_pid(pool) != before  # the path is back: a new connection
+    assert pool.stats()["connections_lost"] == 1
+
+
+@needs_blackhole
+def test_blackhole_during_a_long_statement_fails_it_within_10_s(
+    make_pool: MakePool, fault_proxy: FaultProxy, proxy_dsn: str, pgaccess_dsn: str
+) -> None:
+    pool = make_pool(proxy_dsn, maxconn=1, timeout=30)
+    db = Database(pool=pool, retry_reads=False)
+    marker = uuid.uuid4().hex
+    sleeper = Sleeper(lambda: db.execute("SELECT pg_sleep(20), %s AS m", (marker,)))
+    victim = active_backend(pgaccess_dsn, marker)  # sent and acknowledged
+    try:
+        with blackhole(fault_proxy.port):
+            dark = time.monotonic()
+            call = sleeper.result(timeout=15)
+    finally:
+        admin_query(pgaccess_dsn, "SELECT pg_terminate_backend(%s)", (victim,))
+    # No data is in flight: the keepalive probes went unanswered, and the call failed.
+    assert isinstance(call.outcome, ConnectionLost), repr(call.outcome)
+    assert call.ended - dark < 10.0, call.ended - dark
+    print(f"long statement failed {call.ended - dark:.2f} s into the blackhole")
+    assert pool.stats()["connections_lost"] == 1
+
+
+@needs_blackhole
+def test_blackholed_path_fails_a_new_connection_within_the_dsns_connect_timeout(
+    make_pool: MakePool, fault_proxy: FaultProxy, proxy_dsn: str
+) -> None:
+    dsn = psycopg2.extensions.make_dsn(proxy_dsn, connect_timeout=2)
+    pool = make_pool(dsn, maxconn=1, timeout=20)
+    with blackhole(fault_proxy.port):  # the SYN is dropped: libpq waits
+        call = timed(None, lambda: backend_pid(pool))
+    assert isinstance(call.outcome, ConnectionFailed), repr(call.outcome)
+    assert 1.5 < call.duration < 4.0, call.duration  # the DSN's 2 s, not the pool's
+    assert backend_pid(pool) > 0
+
+
+# A path that keeps acknowledging but forwards nothing (FaultProxy.stall: a proxy or
+# middlebox that stopped): keepalives cannot see it; stall_timeout can.
 def test_stalled_network_new_connection_fails_within_connect_timeout(
     make_pool: MakePool, fault_proxy: FaultProxy, proxy_dsn: str
 ) -> None:

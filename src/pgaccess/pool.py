@@ -65,7 +65,13 @@ from .errors import (
     translate,
 )
 
-__all__ = ["ConnectionPool", "PooledConnection", "db_pool", "default_pool"]
+__all__ = [
+    "CONNECT_DEFAULTS",
+    "ConnectionPool",
+    "PooledConnection",
+    "db_pool",
+    "default_pool",
+]
 
 logger = logging.getLogger("pgaccess.pool")
 
@@ -243,6 +249,42 @@ _TCP_TIMES_AT = 44
 _TCP_INFO_LEN = _TCP_TIMES_AT + _TCP_TIMES.size
 _TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux only
 
+#: libpq parameters every pool connection gets unless its DSN (or, for
+#: ``application_name``, PGAPPNAME) sets them. A dead peer or a network path that
+#: drops every packet must not hang a call (with psycopg2's defaults a statement sent
+#: into such a path waits for TCP to give up, about 15 minutes on Linux): data left
+#: unacknowledged for 8 s, or an idle wait whose keepalive probes (from 4 s, every
+#: 2 s) go unanswered until then, fails the call with ``ConnectionLost``. Either way
+#: under 10 s. Ignored on Unix sockets.
+CONNECT_DEFAULTS: Dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 4,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 8_000,
+    "application_name": "pgaccess",
+}
+#: The environment variables libpq reads for these parameters.
+_ENV_OF = {"application_name": "PGAPPNAME"}
+
+
+def _dsn_parameters(dsn: str) -> Dict[str, str]:
+    """The parameters ``dsn`` sets; none when libpq cannot parse it (connecting will
+    then say why)."""
+    if not dsn:
+        return {}
+    try:
+        return dict(ext.parse_dsn(dsn))
+    except psycopg2.ProgrammingError:
+        return {}
+
+
+def _int_or_none(raw: Optional[str]) -> Optional[int]:
+    try:
+        return None if raw is None else int(raw)
+    except ValueError:
+        return None
+
 
 class ConnectionPool:
     """A thread-safe pool of psycopg2 connections, at most ``maxconn`` of them.
@@ -254,16 +296,23 @@ class ConnectionPool:
     pool serves again by itself after a server restart. Thread-safe; fork-safe (a child
     process gets fresh connections and never touches its parent's).
 
+    Each connection gets ``CONNECT_DEFAULTS`` (TCP keepalives, ``tcp_user_timeout``,
+    ``application_name``) for what its DSN does not set, so a statement on a network
+    path that drops every packet fails within 10 s. Keyword arguments given here
+    (``connect_timeout``, or any libpq parameter) override both; ``connect_timeout``
+    otherwise comes from the DSN, then PGCONNECT_TIMEOUT, then 10 s.
+
     Options for faults a healthy pool never sees:
 
     - ``leak_threshold`` (seconds): a connection held longer is logged once, at
       WARNING, with the borrower's stack.
     - ``stall_timeout`` (seconds; Linux, TCP only): a command that has waited this
-      long with no data received or sent is taken as a dead network path (a
-      blackhole: a firewall dropping packets, a proxy that stopped forwarding): its
-      socket is shut down, so the call fails with ``ConnectionLost`` instead of
-      hanging. It must exceed the longest statement you run (set
-      ``statement_timeout`` below it) and any pause of your own in a COPY.
+      long with no data received or sent is taken as a dead network path even though
+      TCP still acknowledges (a proxy or middlebox that stopped forwarding, which
+      keepalives cannot see): its socket is shut down, so the call fails with
+      ``ConnectionLost`` instead of hanging. It must exceed the longest statement
+      you run (set ``statement_timeout`` below it) and any pause of your own in a
+      COPY.
     - ``reset_session``: ``DISCARD ALL`` on every return (one round trip), for code
       that leaves session state behind (``SET``, temporary tables, WITH HOLD cursors,
       session advisory locks, LISTEN). Without it, a connection comes back with its
@@ -289,7 +338,7 @@ class ConnectionPool:
         name: Optional[str] = None,
         max_lifetime: float = 3600.0,
         statement_timeout: Optional[int] = None,
-        connect_timeout: int = 10,
+        connect_timeout: Optional[int] = None,
         leak_threshold: Optional[float] = None,
         stall_timeout: Optional[float] = None,
         reset_session: bool = False,
@@ -321,16 +370,18 @@ class ConnectionPool:
         self.reset_session = reset_session
         # One test in release()'s fast path for both: every return is watched or reset.
         self._slow_release = leak_threshold is not None or reset_session
-        self._connect_timeout = connect_timeout
+        given = _dsn_parameters(settings.dsn)
+        if connect_timeout is None:
+            connect_timeout = _int_or_none(
+                given.get("connect_timeout", os.environ.get("PGCONNECT_TIMEOUT"))
+            )
+        self._connect_timeout = 10 if connect_timeout is None else connect_timeout
+        # pgaccess's defaults fill in what the DSN leaves out; connect() arguments
+        # would otherwise override the DSN's own keepalive or application settings.
         kwargs: Dict[str, Any] = {
-            # A dead peer must not hang a call forever (psycopg2's defaults would):
-            # TCP keepalives and a cap on unacknowledged data. Ignored on Unix sockets.
-            "keepalives": 1,
-            "keepalives_idle": 10,
-            "keepalives_interval": 3,
-            "keepalives_count": 3,
-            "tcp_user_timeout": 10_000,
-            "application_name": "pgaccess",
+            key: value
+            for key, value in CONNECT_DEFAULTS.items()
+            if key not in given and not (key in _ENV_OF and _ENV_OF[key] in os.environ)
         }
         if settings.statement_timeout_ms:
             kwargs["options"] = f"-c statement_timeout={settings.statement_timeout_ms}"
