@@ -1072,6 +1072,121 @@ def test_nul_in_json_is_a_data_error(db: Database, raw: Raw, scratch: str) -> No
     assert raw.one("SELECT count(*) FROM scratch_values") == 0
 
 
+def test_nul_in_an_array_element_and_in_upsert(
+    db: Database, raw: Raw, scratch: str
+) -> None:
+    with pytest.raises(DataError, match="NUL"):
+        db.insert(scratch, {"k": 1, "at": ["ok", NUL_TEXT]})
+    with pytest.raises(DataError, match="NUL"):
+        db.insert_many(scratch, [{"k": 1, "at": ["ok"]}, {"k": 2, "at": [NUL_TEXT]}])
+    with pytest.raises(DataError, match="NUL"):
+        db.upsert(scratch, {"k": 1, "t": NUL_TEXT}, conflict=("k",))
+    assert raw.one("SELECT count(*) FROM scratch_values") == 0
+
+
+def _write_paths(
+    db: Database, table: str
+) -> Dict[str, Callable[[Dict[str, Any]], Any]]:
+    """Each way a row reaches the server: one INSERT, COPY, a multi-row INSERT."""
+    return {
+        "insert": lambda row: db.insert(table, row),
+        "copy": lambda row: db.insert_many(table, [row]),
+        # An array value takes insert_many off COPY, onto multi-row INSERTs.
+        "values": lambda row: db.insert_many(table, [{**row, "ai": [1]}]),
+    }
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"k": 1, "i": 2**63},
+        {"k": 1, "i": -(2**63) - 1},
+        {"k": 2**31},
+        {"k": 1, "i": 10**30},
+    ],
+    ids=["bigint+1", "bigint-1", "integer+1", "10**30"],
+)
+def test_integers_beyond_their_column_are_a_data_error(
+    db: Database, raw: Raw, scratch: str, row: Dict[str, Any]
+) -> None:
+    for path, write in _write_paths(db, scratch).items():
+        with pytest.raises(DataError) as err:
+            write(row)
+        assert err.value.sqlstate == "22003", path  # numeric_value_out_of_range
+    raw.rows("INSERT INTO scratch_values (k, i) VALUES (1, 7)")
+    with pytest.raises(DataError):
+        db.update(scratch, {"i": 2**63}, {"k": 1})
+    assert raw.rows("SELECT k, i FROM scratch_values") == [(1, 7)]
+
+
+def test_infinite_decimals_round_trip_on_every_write_path(
+    db: Database, raw: Raw, scratch: str
+) -> None:
+    # psycopg2's own adapter writes Decimal("Infinity") as 'NaN'::numeric.
+    values = [Decimal("Infinity"), Decimal("-Infinity"), Decimal("NaN")]
+    for k, write in enumerate(_write_paths(db, scratch).values()):
+        for j, value in enumerate(values):
+            write({"k": 10 * k + j, "n": value})
+    db.update(scratch, {"n": Decimal("-Infinity")}, {"k": 0})
+    stored = raw.rows("SELECT k, n::text FROM scratch_values ORDER BY k")
+    expected = [(10 * k + j, str(v)) for k in range(3) for j, v in enumerate(values)]
+    expected[0] = (0, "-Infinity")
+    assert stored == expected
+    found = db.find_many(scratch, order_by="k", columns=["n"])
+    assert [str(r["n"]) for r in found] == [text for _, text in expected]
+    assert db.count(scratch, {"n": Decimal("Infinity")}) == 2
+
+
+def test_nan_inside_json_is_a_data_error(db: Database, raw: Raw, scratch: str) -> None:
+    with pytest.raises(DataError) as err:
+        db.insert(scratch, {"k": 1, "j": psycopg2.extras.Json({"a": float("nan")})})
+    assert err.value.sqlstate == "22P02"
+    assert raw.one("SELECT count(*) FROM scratch_values") == 0
+
+
+def test_a_dict_for_jsonb_must_be_wrapped_and_the_error_says_how(
+    db: Database, raw: Raw, scratch: str
+) -> None:
+    for write in (
+        lambda: db.insert(scratch, {"k": 1, "j": {"a": 1}}),
+        lambda: db.insert_many(scratch, [{"k": 1, "j": {"a": 1}}]),
+    ):
+        with pytest.raises(pgaccess.ProgrammingError, match=r"psycopg2\.extras\.Json"):
+            write()
+    assert raw.one("SELECT count(*) FROM scratch_values") == 0
+    row = db.insert(
+        scratch, {"k": 1, "j": psycopg2.extras.Json({"a": 1})}, returning="*"
+    )
+    assert row["j"] == {"a": 1}
+
+
+def test_megabyte_text_through_copy(db: Database, raw: Raw, scratch: str) -> None:
+    reverse = MEGABYTE[::-1]  # starts with the escapes COPY must get right
+    assert (
+        db.insert_many(scratch, [{"k": 1, "t": MEGABYTE}, {"k": 2, "t": reverse}]) == 2
+    )
+    assert raw.rows("SELECT k, t FROM scratch_values ORDER BY k") == [
+        (1, MEGABYTE),
+        (2, reverse),
+    ]
+
+
+def test_datetimes_meet_the_session_time_zone_where_the_column_has_none(
+    db: Database, scratch: str
+) -> None:
+    # PostgreSQL's rule, which pgaccess passes through unchanged: an aware datetime
+    # written to a `timestamp` column is converted to the session's TimeZone and its
+    # offset dropped; a naive one written to `timestamptz` is taken as that TimeZone.
+    zone = datetime.timezone(datetime.timedelta(hours=3))
+    with db.transaction() as tx:
+        tx.execute("SET LOCAL TIME ZONE INTERVAL '+03:00' HOUR TO MINUTE")
+        tx.insert(scratch, {"k": 1, "ts": AWARE, "tstz": NAIVE})
+        row = tx.find_one(scratch, {"k": 1})
+    assert row is not None
+    assert row["ts"] == AWARE.astimezone(zone).replace(tzinfo=None)
+    assert row["tstz"] == NAIVE.replace(tzinfo=zone)  # the same instant
+
+
 # -------------------------------------------------------------------- threads
 def test_one_database_shared_by_16_threads(db: Database, raw: Raw) -> None:
     threads_n, per_thread = 16, 25

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import decimal
 import itertools
 import logging
 import math
@@ -268,6 +269,28 @@ CONNECT_DEFAULTS: Dict[str, Any] = {
 _ENV_OF = {"application_name": "PGAPPNAME"}
 
 
+def _adapt_decimal(value: decimal.Decimal) -> Any:
+    """A Decimal as SQL; psycopg2's own adapter writes every non-finite Decimal as
+    ``'NaN'::numeric``, so an infinity would be stored as NaN. Infinities are written
+    as numeric infinities (PostgreSQL 14+; an older server rejects them with an error
+    rather than storing NaN)."""
+    if value.is_infinite():
+        return ext.AsIs(
+            "'-Infinity'::numeric" if value.is_signed() else "'Infinity'::numeric"
+        )
+    return _psycopg2_decimal(value)
+
+
+_psycopg2_decimal = ext.adapters[(decimal.Decimal, ext.ISQLQuote)]
+
+
+def _register_adapters() -> None:
+    """Install pgaccess's value adapters, once, when the first pool is made (psycopg2's
+    adapters are per process: this fixes infinite Decimals for all its users)."""
+    if ext.adapters.get((decimal.Decimal, ext.ISQLQuote)) is not _adapt_decimal:
+        ext.register_adapter(decimal.Decimal, _adapt_decimal)
+
+
 def _dsn_parameters(dsn: str) -> Dict[str, str]:
     """The parameters ``dsn`` sets; none when libpq cannot parse it (connecting will
     then say why)."""
@@ -389,6 +412,7 @@ class ConnectionPool:
         self._connect_kwargs = kwargs
         self._closed = False
         self._reset_state()
+        _register_adapters()
         _live_pools.add(self)
 
     def _reset_state(self) -> None:
