@@ -1160,6 +1160,31 @@ def test_a_dict_for_jsonb_must_be_wrapped_and_the_error_says_how(
     assert row["j"] == {"a": 1}
 
 
+def test_a_value_psycopg2_cannot_adapt_is_a_programming_error(
+    db: Database, raw: Raw, scratch: str
+) -> None:
+    with pytest.raises(pgaccess.ProgrammingError, match="can't adapt type") as err:
+        db.insert(scratch, {"k": 1, "t": object()})
+    assert "Json" not in str(err.value)  # that hint is for dicts only
+    assert raw.one("SELECT count(*) FROM scratch_values") == 0
+
+
+def test_uuid_objects_on_every_write_path_and_in_where(
+    db: Database, raw: Raw, scratch: str
+) -> None:
+    # psycopg2 alone cannot adapt uuid.UUID (until register_uuid()).
+    for k, write in enumerate(_write_paths(db, scratch).values()):
+        write({"k": k, "u": uuid.UUID(int=k + 1)})
+    assert raw.rows("SELECT k, u::text FROM scratch_values ORDER BY k") == [
+        (k, str(uuid.UUID(int=k + 1))) for k in range(3)
+    ]
+    wanted = [uuid.UUID(int=1), uuid.UUID(int=3), uuid.UUID(int=99)]
+    assert db.count(scratch, {"u": wanted}) == 2  # uuid = ANY(uuid[])
+    found = db.find_one(scratch, {"u": uuid.UUID(int=2)})
+    assert found is not None and found["k"] == 1
+    assert db.update(scratch, {"u": uuid.UUID(int=7)}, {"k": 2}) == 1
+
+
 def test_megabyte_text_through_copy(db: Database, raw: Raw, scratch: str) -> None:
     reverse = MEGABYTE[::-1]  # starts with the escapes COPY must get right
     assert (

@@ -1155,10 +1155,11 @@ def test_raw_fork_child_never_uses_the_parents_connections(
 
 FORK_SCRIPT = r"""
 import gc, json, os, sys
-from pgaccess import ConnectionPool
+from pgaccess import ConnectionPool, Database
 
 mode = sys.argv[1]
 pool = ConnectionPool(os.environ["FORK_DSN"], maxconn=3)
+db = Database(pool=pool)  # the facade, made before the fork too
 
 def backend():
     with pool.connection() as conn, conn.cursor() as cur:
@@ -1172,7 +1173,9 @@ child = os.fork()
 if child == 0:
     os.close(read_end)
     report = {}
-    if mode != "idle":
+    if mode == "facade":
+        report["backend"] = db.execute("SELECT pg_backend_pid() AS pid")[0]["pid"]
+    elif mode != "idle":
         report["backend"] = backend()
     if mode == "release":
         pool.release(held)
@@ -1205,7 +1208,7 @@ print(json.dumps({
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-@pytest.mark.parametrize("mode", ["use", "release", "close", "del", "idle"])
+@pytest.mark.parametrize("mode", ["use", "facade", "release", "close", "del", "idle"])
 def test_forked_child_exiting_normally_leaves_the_parent_alone(
     pgaccess_dsn: str, mode: str
 ) -> None:

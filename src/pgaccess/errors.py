@@ -263,10 +263,10 @@ def translate(
         cls = DataError
     elif isinstance(exc, psycopg2.ProgrammingError):
         cls = ProgrammingError
-        if message.startswith("can't adapt type"):
+        if message.startswith("can't adapt type 'dict'"):
             message += (
-                ": psycopg2 has no SQL form for it (a dict or list meant for a "
-                "json or jsonb column goes in psycopg2.extras.Json(value))"
+                ": a dict meant for a json or jsonb column goes in "
+                "psycopg2.extras.Json(value)"
             )
     elif isinstance(exc, (ValueError, TypeError)):
         # psycopg2 raises these for values it cannot adapt, e.g. a NUL byte in a string.

@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 import weakref
 from types import FrameType
 from typing import (
@@ -285,10 +286,17 @@ _psycopg2_decimal = ext.adapters[(decimal.Decimal, ext.ISQLQuote)]
 
 
 def _register_adapters() -> None:
-    """Install pgaccess's value adapters, once, when the first pool is made (psycopg2's
-    adapters are per process: this fixes infinite Decimals for all its users)."""
+    """Install pgaccess's value adapters, once, when the first pool is made.
+
+    psycopg2's adapters are per process, so these apply to all its users: infinite
+    Decimals are written as infinities, and ``uuid.UUID`` values (which psycopg2
+    cannot adapt until ``register_uuid()``) as ``uuid`` literals; reading is
+    unchanged (a uuid column still comes back as ``str``).
+    """
     if ext.adapters.get((decimal.Decimal, ext.ISQLQuote)) is not _adapt_decimal:
         ext.register_adapter(decimal.Decimal, _adapt_decimal)
+    if (uuid.UUID, ext.ISQLQuote) not in ext.adapters:
+        ext.register_adapter(uuid.UUID, psycopg2.extras.UUID_adapter)
 
 
 def _dsn_parameters(dsn: str) -> Dict[str, str]:
