@@ -266,8 +266,6 @@ CONNECT_DEFAULTS: Dict[str, Any] = {
     "tcp_user_timeout": 8_000,
     "application_name": "pgaccess",
 }
-#: The environment variables libpq reads for these parameters.
-_ENV_OF = {"application_name": "PGAPPNAME"}
 
 
 def _adapt_decimal(value: decimal.Decimal) -> Any:
@@ -286,14 +284,15 @@ _psycopg2_decimal = ext.adapters[(decimal.Decimal, ext.ISQLQuote)]
 
 
 def _register_adapters() -> None:
-    """Install pgaccess's value adapters, once, when the first pool is made.
+    """Install pgaccess's value adapters where psycopg2's own are still in place.
 
     psycopg2's adapters are per process, so these apply to all its users: infinite
     Decimals are written as infinities, and ``uuid.UUID`` values (which psycopg2
     cannot adapt until ``register_uuid()``) as ``uuid`` literals; reading is
-    unchanged (a uuid column still comes back as ``str``).
+    unchanged (a uuid column still comes back as ``str``). An adapter the
+    application registered itself is left alone.
     """
-    if ext.adapters.get((decimal.Decimal, ext.ISQLQuote)) is not _adapt_decimal:
+    if ext.adapters.get((decimal.Decimal, ext.ISQLQuote)) is _psycopg2_decimal:
         ext.register_adapter(decimal.Decimal, _adapt_decimal)
     if (uuid.UUID, ext.ISQLQuote) not in ext.adapters:
         ext.register_adapter(uuid.UUID, psycopg2.extras.UUID_adapter)
@@ -402,17 +401,17 @@ class ConnectionPool:
         # One test in release()'s fast path for both: every return is watched or reset.
         self._slow_release = leak_threshold is not None or reset_session
         given = _dsn_parameters(settings.dsn)
+        if "PGAPPNAME" in os.environ:  # libpq's own source for application_name
+            given.setdefault("application_name", os.environ["PGAPPNAME"])
         if connect_timeout is None:
             connect_timeout = _int_or_none(
                 given.get("connect_timeout", os.environ.get("PGCONNECT_TIMEOUT"))
             )
         self._connect_timeout = 10 if connect_timeout is None else connect_timeout
-        # pgaccess's defaults fill in what the DSN leaves out; connect() arguments
+        # pgaccess's defaults fill in what the user set nowhere: connect() arguments
         # would otherwise override the DSN's own keepalive or application settings.
         kwargs: Dict[str, Any] = {
-            key: value
-            for key, value in CONNECT_DEFAULTS.items()
-            if key not in given and not (key in _ENV_OF and _ENV_OF[key] in os.environ)
+            key: value for key, value in CONNECT_DEFAULTS.items() if key not in given
         }
         if settings.statement_timeout_ms:
             kwargs["options"] = f"-c statement_timeout={settings.statement_timeout_ms}"

@@ -265,8 +265,11 @@ class Soak:
         self.samples: Dict[str, List[float]] = {"server": [], "fds": [], "rss": []}
 
     # -------------------------------------------------------------- keys
+    def op_key(self, thread: int, seq: int) -> uuid.UUID:
+        return uuid.UUID(int=(self.run_id << 64) | (thread << 40) | seq)
+
     def op_id(self, thread: int, seq: int) -> str:
-        return str(uuid.UUID(int=(self.run_id << 64) | (thread << 40) | seq))
+        return str(self.op_key(thread, seq))
 
     def decode(self, op_id: str) -> Tuple[int, int, int]:
         value = uuid.UUID(op_id).int
@@ -367,7 +370,7 @@ class Soak:
             recent = [s for s in range(max(1, seq - 48), seq) if acked.get(s)]
             if not recent:
                 return
-            keys = [uuid.UUID(self.op_id(i, s)) for s in recent]
+            keys = [self.op_key(i, s) for s in recent]
             counted = db.count("processing_metrics", {"op_id": keys, "job_id": job})
             if counted != len(recent):
                 self.violation(f"count: {counted} of {len(recent)} acknowledged seen")
@@ -408,10 +411,8 @@ class Soak:
     def faults_loop(self, proxy: ProxyProcess, started: float) -> None:
         cfg = self.config
         k = 0
-        while True:
+        while cfg.faults:  # none: a control run
             at = started + (k + 0.5) * cfg.fault_every
-            if not cfg.faults:
-                return
             kind = cfg.faults[k % len(cfg.faults)]
             # The last fault must end, and be recovered from, inside the run.
             lasts = {"refuse": cfg.refuse_seconds, "restart": 1.0}.get(kind, 0.5)
