@@ -182,7 +182,9 @@ UNKNOWN_TABLE_CALLS: Dict[str, Callable[[Database], Any]] = {
         "video_jobs", {"status": "failed"}, {"src_hash": SECRET}
     ),
     "delete": lambda db: db.delete("video_jobs", {"src_hash": SECRET}),
-    "upsert": lambda db: db.upsert("video_jobs", {"src_hash": SECRET}),
+    "upsert": lambda db: db.upsert(
+        "video_jobs", {"src_hash": SECRET}, conflict="src_hash"
+    ),
     "schema-qualified": lambda db: db.find_one("public.video_jobs"),
 }
 

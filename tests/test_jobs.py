@@ -347,7 +347,7 @@ def test_a_retried_complete_whose_reply_was_lost_succeeds_once(
 
     def recording(exc: BaseException) -> bool:
         retried_after.append(exc)
-        return VideoJobs.RETRY.retry_on(exc)
+        return VideoJobs.RETRY.retries(exc)
 
     jobs.RETRY = dataclasses.replace(VideoJobs.RETRY, delay=0.01, retry_on=recording)
     job_id = jobs.enqueue("v", "/in/v")

@@ -32,6 +32,7 @@ from pgaccess import (
     ConnectionPool,
     Database,
     DataError,
+    InvalidQuery,
     PoolTimeout,
     ProgrammingError,
     RetryPolicy,
@@ -40,12 +41,15 @@ from pgaccess import (
     UniqueViolation,
     UnknownColumn,
     UnknownTable,
+    WritePolicies,
+    WritePolicy,
     is_transient,
     retrying,
     with_retry,
 )
 from pgaccess.errors import translate
-from pgaccess.retry import TABLE_POLICIES, global_stats
+from pgaccess.policies import PIPELINE
+from pgaccess.retry import global_stats
 from pgaccess.transaction import Transaction
 
 JOIN_TIMEOUT = 30.0
@@ -777,7 +781,7 @@ def pipeline_row(table: str, job_id: int) -> Dict[str, Any]:
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("table", sorted(TABLE_POLICIES))
+@pytest.mark.parametrize("table", sorted(PIPELINE))
 def test_insert_whose_reply_is_lost_lands_exactly_once(
     db: Database, proxy_db: Database, fault_proxy: FaultProxy, table: str
 ) -> None:
@@ -967,3 +971,43 @@ def test_delete_whose_reply_is_lost_reports_its_own_delete(
     assert fault_proxy.drops == 1
     assert db.count("video_job", {"id": job_id}) == 0
     assert deleted != 0, "the caller was told nothing was deleted; its call deleted it"
+
+
+@pytest.mark.faults
+def test_update_whose_where_pins_no_unique_key_is_not_rerun(
+    db: Database, proxy_db: Database, fault_proxy: FaultProxy
+) -> None:
+    """A re-run evaluates its WHERE again: on a non-key WHERE it could change rows
+    that came to match after the first attempt. So only a WHERE that pins one row
+    by a unique key of the table's write policy is re-run; this one is raised."""
+    job_id = db.insert("video_job", {"src_hash": "bulk", "input_path": "/v/bulk"})
+    fault_proxy.drop_after('UPDATE "video_job"')
+    before = global_stats.snapshot()
+    with pytest.raises(CommitOutcomeUnknown):
+        proxy_db.update("video_job", {"priority": 7}, {"input_path": "/v/bulk"})
+    assert fault_proxy.drops == 1
+    assert stats_delta(before)["retries"] == 0
+    row = db.find_one("video_job", {"id": job_id})
+    assert row is not None and row["priority"] == 7  # it did land, once
+
+
+def test_write_policies_are_data_not_table_names(
+    db: Database, scratch_table: Callable[..., str]
+) -> None:
+    """A table of one's own gets the pipeline's behaviour by declaring a policy;
+    a pipeline table without its policy gets none of it."""
+    table = scratch_table("id serial primary key, ref text unique, v int")
+    mine = Database(
+        pool=db.pool,
+        write_policies=WritePolicies(WritePolicy(table, keys=[("ref",), ("id",)])),
+    )
+    # upsert's conflict key comes from the declared policy ...
+    row = mine.upsert(table, {"ref": "a", "v": 1})
+    assert mine.upsert(table, {"ref": "a", "v": 2})["id"] == row["id"]
+    # ... and without one, upsert asks for it instead of guessing.
+    bare = Database(pool=db.pool, write_policies=WritePolicies())
+    with pytest.raises(InvalidQuery, match="conflict="):
+        bare.upsert(table, {"ref": "b", "v": 1})
+    # A pipeline table whose policy is not given is a table like any other.
+    with pytest.raises(InvalidQuery, match="conflict="):
+        bare.upsert("video_job", {"src_hash": "b", "input_path": "/v/b"})

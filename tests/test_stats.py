@@ -60,7 +60,7 @@ def test_slow_queries_are_logged(
     pgaccess_pool: ConnectionPool, caplog: pytest.LogCaptureFixture
 ) -> None:
     db = Database(pool=pgaccess_pool, slow_query_ms=50)
-    with caplog.at_level(logging.WARNING, logger="pgaccess.database"):
+    with caplog.at_level(logging.WARNING, logger="pgaccess.stats"):
         db.execute("SELECT pg_sleep(0.08)")
         db.execute("SELECT 1")
     slow = [r for r in caplog.records if "slow query" in r.getMessage()]

@@ -30,6 +30,7 @@ from .errors import (
     UnknownTable,
 )
 from .jobs import Highlights, JobHandle, JobLost, Metrics, VideoJobs, Worker
+from .policies import WritePolicies, WritePolicy
 from .pool import ConnectionPool, db_pool
 from .retry import RetryPolicy, is_transient, retrying, with_retry
 from .transaction import Rollback, Savepoint, Transaction, TransactionStatus
@@ -73,6 +74,8 @@ __all__ = [
     "UnknownTable",
     "VideoJobs",
     "Worker",
+    "WritePolicies",
+    "WritePolicy",
     "db_pool",
     "is_transient",
     "retrying",

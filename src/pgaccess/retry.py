@@ -17,24 +17,31 @@ What is transient (and why):
 Never transient: constraint violations, syntax and undefined-object errors, data errors,
 and ``CommitOutcomeUnknown``: a connection lost while a COMMIT or an autocommit write
 was in flight may have applied the write, so it is only re-run where it is idempotent.
+
+Each situation has one composed tenacity strategy: ``TRANSIENT`` (``with_retry``,
+``run_in_transaction``), ``READ`` (the facade's reads) and ``WRITE`` (the idempotent
+writes of ``policies``). Every wait comes from one formula, ``RetryPolicy.retrying``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import random
+import os
 import threading
 import time
-import uuid
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Optional, TypeVar, Union
 
 import psycopg2
 from tenacity import (
     RetryCallState,
     Retrying,
+    retry_base,
     retry_if_exception,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_attempt,
     stop_after_delay,
     wait_exponential,
@@ -50,10 +57,11 @@ from .errors import (
 )
 
 __all__ = [
-    "TABLE_POLICIES",
+    "READ",
+    "TRANSIENT",
+    "WRITE",
     "RetryPolicy",
     "RetryStats",
-    "TablePolicy",
     "is_transient",
     "retrying",
     "with_retry",
@@ -96,11 +104,41 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+#: Work that may be run again as it is: transient failures (``with_retry``,
+#: ``run_in_transaction``, whose caller chose to wait longer).
+TRANSIENT: retry_base = retry_if_exception(is_transient)
+
+#: pgaccess's own re-runs inside one call (reads): transient, but not a failure that
+#: already used up the call's time. ``PoolTimeout`` and ``ConnectionFailed`` come
+#: after the pool has waited (or kept reconnecting) for the caller's whole timeout;
+#: retrying them inside the same call would multiply that wait (DESIGN principle 4).
+READ: retry_base = TRANSIENT & retry_if_not_exception_type(
+    (PoolTimeout, ConnectionFailed)
+)
+
+#: Idempotent writes inside one call: what ``READ`` retries, and outcomes that may
+#: have landed (running an idempotent write again leaves the same state).
+WRITE: retry_base = READ | retry_if_exception_type(CommitOutcomeUnknown)
+
+#: What decides a retry: a tenacity strategy, or a predicate on the exception.
+RetryOn = Union[retry_base, Callable[[BaseException], bool]]
+
+
+def retries(retry_on: RetryOn, exc: BaseException) -> bool:
+    """Whether ``retry_on`` would retry after ``exc`` (outside a tenacity loop)."""
+    if not isinstance(retry_on, retry_base):
+        return bool(retry_on(exc))
+    state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+    state.set_exception((type(exc), exc, exc.__traceback__))
+    return bool(retry_on(state))
+
+
 class RetryStats:
     """Retry counts and waits, across every thread (tenacity's own are per thread)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        _live_stats.add(self)
         self.attempts = 0
         self.retries = 0
         self.give_ups = 0
@@ -132,6 +170,22 @@ class RetryStats:
                 "retries_by_sqlstate": dict(self.retries_by_sqlstate),
             }
 
+    def _new_lock_in_child(self) -> None:
+        self._lock = threading.Lock()
+
+
+# Every RetryStats gets a new lock in a forked child: a thread of the parent may have
+# held one at fork(), and the child has no such thread to release it.
+_live_stats: weakref.WeakSet[RetryStats] = weakref.WeakSet()
+
+
+def _new_locks_in_child() -> None:
+    for stats in _live_stats:
+        stats._new_lock_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_in_child)
 
 #: Counts of every policy that is not given a RetryStats of its own.
 global_stats = RetryStats()
@@ -144,7 +198,9 @@ class RetryPolicy:
     ``delay`` is the first wait; each next wait is ``backoff`` times longer, capped at
     ``max_delay``; ``jitter`` adds up to ``delay`` at random so that threads that
     failed together do not retry together. ``max_time`` (seconds) stops retrying
-    after that long in all. ``sleep`` is injectable for tests.
+    after that long in all. ``retry_on`` decides what is retried: a predicate on the
+    exception, or a tenacity strategy such as ``READ``. ``sleep`` is injectable for
+    tests.
     """
 
     max_attempts: int = 3
@@ -153,7 +209,7 @@ class RetryPolicy:
     max_delay: float = 2.0
     jitter: bool = True
     max_time: Optional[float] = None
-    retry_on: Callable[[BaseException], bool] = is_transient
+    retry_on: RetryOn = is_transient
     sleep: Callable[[float], None] = time.sleep
     stats: RetryStats = field(default_factory=lambda: global_stats)
 
@@ -163,67 +219,56 @@ class RetryPolicy:
         if self.delay < 0 or self.max_delay < 0 or self.backoff < 1:
             raise ValueError("delay and max_delay must be >= 0 and backoff >= 1")
 
-    def _wait(self, done: int = 0) -> Any:
-        """Waits after each failure; ``done`` attempts were made before tenacity's 1st.
+    def retries(self, exc: BaseException) -> bool:
+        """Whether this policy would retry after ``exc``."""
+        return retries(self.retry_on, exc)
 
-        tenacity numbers the attempts it makes from 1, so a loop entered after
-        ``done`` failures starts its backoff ``backoff ** done`` further on (as a
-        larger multiplier) to keep the sequence delay, delay*backoff, ... unbroken.
+    def retrying(self, *, first: Optional[BaseException] = None) -> Retrying:
+        """A tenacity ``Retrying`` for this policy (the one backoff formula).
+
+        ``first``: an error already judged worth a retry; it is not judged again.
         """
+        stop: Any = stop_after_attempt(self.max_attempts)
+        if self.max_time is not None:
+            stop = stop | stop_after_delay(self.max_time)
         wait: Any = wait_exponential(
-            multiplier=self.delay * self.backoff**done,
-            exp_base=self.backoff,
-            min=0,
-            max=self.max_delay,
+            multiplier=self.delay, exp_base=self.backoff, min=0, max=self.max_delay
         )
         if self.jitter and self.delay > 0:
             wait = wait + wait_random(0, self.delay)
-        return wait
-
-    def first_wait(self) -> float:
-        """The wait after a first failed attempt (``delay``, plus jitter)."""
-        wait = min(self.delay, self.max_delay)
-        if self.jitter and self.delay > 0:
-            wait += random.uniform(0, self.delay)
-        return wait
-
-    def retrying(self, *, attempts: Optional[int] = None, done: int = 0) -> Retrying:
-        """A tenacity ``Retrying`` for this policy.
-
-        ``attempts`` overrides the number of attempts it makes; ``done`` says how many
-        were made (and failed) before it, for the waits and the log's numbering.
-        """
-        stop: Any = stop_after_attempt(attempts or self.max_attempts)
-        if self.max_time is not None:
-            stop = stop | stop_after_delay(self.max_time)
+        retry_on = self.retry_on
+        retry = (
+            retry_on
+            if isinstance(retry_on, retry_base)
+            else retry_if_exception(retry_on)
+        )
+        if first is not None:
+            retry = retry_if_exception(lambda exc: exc is first) | retry
         return Retrying(
             stop=stop,
-            wait=self._wait(done),
-            retry=retry_if_exception(self.retry_on),
+            wait=wait,
+            retry=retry,
             reraise=True,  # the caller sees the original pgaccess error, not RetryError
             sleep=self.sleep,
             before=self._before,
-            before_sleep=functools.partial(self._before_sleep, done),
-            retry_error_callback=None,
+            before_sleep=self._before_sleep,
         )
 
     def _before(self, state: RetryCallState) -> None:
         self.stats.record_attempt()
 
-    def _before_sleep(self, done: int, state: RetryCallState) -> None:
+    def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
-        if exc is not None:
-            self._retry(state.fn, exc, done + state.attempt_number, wait)
-
-    def _retry(self, fn: Any, exc: BaseException, attempt: int, wait: float) -> None:
-        """Count and log a retry: ``attempt`` failed with ``exc``; next in ``wait``."""
+        if exc is None:
+            return
         self.stats.record_retry(exc, wait)
         lines = str(exc).splitlines()
         logger.warning(
             "retrying %s in %.3f s (attempt %d of %d failed: %s: %s)",
-            getattr(fn, "__qualname__", "the operation"), wait, attempt,
-            self.max_attempts, type(exc).__name__, lines[0] if lines else "",
+            getattr(state.fn, "__qualname__", "the operation"), wait,
+            state.attempt_number, self.max_attempts, type(exc).__name__,
+            lines[0] if lines else "",
         )  # fmt: skip
 
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -231,7 +276,7 @@ class RetryPolicy:
         try:
             return self.retrying()(fn, *args, **kwargs)
         except BaseException as exc:
-            if self.retry_on(exc):
+            if self.retries(exc):
                 self.stats.record_give_up()
             raise
 
@@ -240,20 +285,21 @@ class RetryPolicy:
 
         Keeps tenacity out of the success path of the facade: it is entered only once
         an attempt has failed. The caller has decided that ``first_error`` is worth
-        a retry; the waits and the log are those of :meth:`call` from its 2nd attempt.
+        a retry; tenacity sees it as its own first attempt, so the waits, the log
+        and the counts are those of :meth:`call`.
         """
-        self.stats.record_attempt()
-        if self.max_attempts <= 1:
-            self.stats.record_give_up()
-            raise first_error
-        wait = self.first_wait()
-        self._retry(fn, first_error, 1, wait)
-        if wait > 0:
-            self.sleep(wait)
+        pending = [first_error]
+
+        @functools.wraps(fn)
+        def attempt() -> T:
+            if pending:
+                raise pending.pop()
+            return fn()
+
         try:
-            return self.retrying(attempts=self.max_attempts - 1, done=1)(fn)
+            return self.retrying(first=first_error)(attempt)
         except BaseException as exc:
-            if self.retry_on(exc):
+            if exc is first_error or self.retries(exc):
                 self.stats.record_give_up()
             raise
 
@@ -265,7 +311,7 @@ def with_retry(
     max_attempts: int = 3,
     delay: float = 1.0,
     max_delay: float = 30.0,
-    retry_on: Callable[[BaseException], bool] = is_transient,
+    retry_on: RetryOn = is_transient,
     **kwargs: Any,
 ) -> T:
     """Run ``fn(*args, **kwargs)``, retrying transient failures (the usage guide's API).
@@ -299,69 +345,3 @@ def retrying(
         return wrapper
 
     return decorate
-
-
-def retry_within_call(exc: BaseException) -> bool:
-    """For pgaccess's own retries inside one call: transient, and not a failure that
-    already used up the call's time.
-
-    ``PoolTimeout`` and ``ConnectionFailed`` come after the pool has waited (or kept
-    reconnecting) for the caller's whole timeout; retrying them inside the same call
-    would multiply that wait (DESIGN principle 4). They stay transient for
-    ``with_retry`` and ``run_in_transaction``, whose caller chose to wait longer.
-    """
-    return is_transient(exc) and not isinstance(exc, (PoolTimeout, ConnectionFailed))
-
-
-def is_transient_or_unknown(exc: BaseException) -> bool:
-    """For idempotent work inside one call: ``retry_within_call`` errors, and outcomes
-    that may have landed."""
-    return isinstance(exc, CommitOutcomeUnknown) or retry_within_call(exc)
-
-
-# ------------------------------------------------- the pipeline's tables
-def _new_op_id() -> str:
-    return str(uuid.uuid4())
-
-
-@dataclass(frozen=True)
-class TablePolicy:
-    """How writes to one table are retried without ever writing twice.
-
-    ``key`` is a unique key of the table. An insert whose outcome is unknown (the
-    connection died while it was in flight) is re-run as ``INSERT ... ON CONFLICT
-    (key) DO NOTHING`` that returns the existing row: if that row holds the values
-    that were being written, the first attempt landed and its row is returned; if
-    it holds other values, the key was taken by someone else and ``UniqueViolation``
-    is raised, as the first attempt would have. ``generated`` names a key column
-    filled in by the client before the first attempt (tables with no natural key).
-    Updates and deletes from the facade set absolute values, so re-running one after
-    an unknown outcome leaves the same state.
-    """
-
-    key: Tuple[str, ...]
-    generated: Optional[Tuple[str, Callable[[], Any]]] = None
-    policy: RetryPolicy = RetryPolicy(
-        max_attempts=5, delay=0.05, max_delay=1.0, retry_on=retry_within_call
-    )
-
-
-#: The pipeline's write policies, by table name (with or without a schema).
-TABLE_POLICIES: Dict[str, TablePolicy] = {
-    # src_hash identifies the video: one job per video.
-    "video_job": TablePolicy(key=("src_hash",)),
-    # A highlight is its job and its span; the schema makes that the unique key.
-    "highlight": TablePolicy(key=("job_id", "start_time", "end_time")),
-    # A metric has no natural key: the client gives each one a UUID before sending.
-    "processing_metrics": TablePolicy(key=("op_id",), generated=("op_id", _new_op_id)),
-}
-
-
-def table_policy(table: str) -> Optional[TablePolicy]:
-    """The write policy of ``table`` (``schema.table`` is looked up by its name)."""
-    if not isinstance(table, str):
-        return None  # not a table name at all: the statement builder rejects it
-    policy = TABLE_POLICIES.get(table)
-    if policy is None and "." in table:
-        policy = TABLE_POLICIES.get(table.rpartition(".")[2])
-    return policy

@@ -14,6 +14,7 @@ values always travel separately as bound parameters.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from typing import (
@@ -36,9 +37,13 @@ from .errors import InvalidQuery
 
 __all__ = [
     "Statement",
+    "cached",
+    "check_params",
     "compile_order_by",
     "compile_where",
+    "equal_columns",
     "identifier",
+    "params_mismatch",
     "statement",
     "table_identifier",
 ]
@@ -148,6 +153,15 @@ def where_shape(
             shape.append(col)
             params.append(value)
     return tuple(shape), params
+
+
+def equal_columns(shape: Tuple[Any, ...]) -> List[Any]:
+    """The columns a where shape compares by plain equality to one value."""
+    return [
+        item[0] if type(item) is tuple else item
+        for item in shape
+        if type(item) is not tuple or (len(item) == 3 and item[1:] == ("=", _COND))
+    ]
 
 
 def _as_list(col: str, value: Any) -> List[Any]:
@@ -268,6 +282,63 @@ def check_count(value: Any, what: str) -> Optional[int]:
     return value
 
 
+_PLACEHOLDER = re.compile(r"%%|%\((?P<name>[^)]*)\)s|%s")
+
+
+def params_mismatch(text: str, params: Any) -> str:
+    """Why ``params`` does not fit the placeholders of ``text`` (for InvalidQuery)."""
+    names: List[str] = []
+    positional = 0
+    for m in _PLACEHOLDER.finditer(text):
+        if m.group(0) == "%%":
+            continue
+        if m.group("name") is not None:
+            names.append(m.group("name"))
+        else:
+            positional += 1
+    if isinstance(params, Mapping):
+        if positional:
+            return (
+                f"the statement has {_count(positional, 'positional placeholder')} "
+                "(%s), which take a sequence of parameters, not a dict"
+            )
+        missing = sorted({n for n in names if n not in params})
+        return (
+            f"no parameter for the placeholders {missing}: the dict has "
+            f"{sorted(map(str, params))}"
+        )
+    if names:
+        return (
+            f"the statement has named placeholders {sorted(set(names))}, which take "
+            f"a dict of parameters, not {type(params).__name__}"
+        )
+    try:
+        given = len(params)
+    except TypeError:
+        return (
+            "params must be a sequence or a mapping, "
+            f"not {type(params).__name__}: did you mean ({params!r},)?"
+        )
+    return (
+        f"{_count(positional, 'placeholder')}, {_count(given, 'parameter')}: every "
+        "%s takes one value (write %% for a literal %)"
+    )
+
+
+def check_params(params: Any) -> None:
+    """Reject a string as raw ``params``: psycopg2 would take it as a sequence of
+    characters."""
+    if isinstance(params, (str, bytes)):
+        raise InvalidQuery(
+            f"params must be a sequence or a mapping, not {type(params).__name__}: "
+            f"did you mean ({params!r},)?"
+        )
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
 # --------------------------------------------------------------- the cache
 class Statement:
     """A statement built for one shape; rendered to text once, on first use."""
@@ -289,6 +360,19 @@ class Statement:
 _cache: Dict[Hashable, Statement] = {}
 _cache_lock = threading.Lock()
 CACHE_SIZE = 4096
+#: The cached statement for a key, or None (the facade's first look, in C).
+cached = _cache.get
+
+
+def _new_lock_in_child() -> None:
+    # A thread of the parent may have held the lock at fork(); the child has no such
+    # thread, so the copied lock would stay held for ever.
+    global _cache_lock
+    _cache_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def statement(key: Hashable, build: Callable[[], sql.Composable]) -> Statement:

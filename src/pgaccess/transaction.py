@@ -13,24 +13,18 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import threading
-from time import perf_counter as _clock
 from types import TracebackType
-from typing import Any, Callable, Dict, List, Optional, Type, TypeVar
+from typing import List, Optional, Type
 
-import psycopg2
-import psycopg2.extensions as ext
 from psycopg2 import sql
 
 from . import sql as q
-from .errors import (
-    DatabaseError,
-    InvalidQuery,
-    TransactionError,
-    translate,
-)
-from .operations import FETCH, Operations, Params, record
+from .errors import DatabaseError, InvalidQuery, TransactionError
+from .executor import Retrying, TransactionExecutor, joined
+from .facade import Facade
+from .policies import WritePolicies
 from .pool import ConnectionPool, PooledConnection
+from .stats import Recorder
 
 __all__ = [
     "Rollback",
@@ -43,23 +37,17 @@ __all__ = [
 
 logger = logging.getLogger("pgaccess.transaction")
 
-T = TypeVar("T")
-Recorder = Callable[[str, float, bool, Optional[float]], None]
-
 _ISOLATION = {
     "read committed": "ISOLATION LEVEL READ COMMITTED",
     "repeatable read": "ISOLATION LEVEL REPEATABLE READ",
     "serializable": "ISOLATION LEVEL SERIALIZABLE",
 }
 
-# The open transactions of this thread: {pool: Transaction}.
-_local = threading.local()
-
 
 def current_transaction(pool: ConnectionPool) -> Optional[Transaction]:
     """The transaction this thread has open on ``pool``, if any."""
-    txs: Optional[Dict[ConnectionPool, Transaction]] = _local.__dict__.get("txs")
-    return txs.get(pool) if txs else None
+    tx = joined(pool)
+    return None if tx is None else tx.facade
 
 
 def begin_statement(isolation: Optional[str], read_only: bool) -> str:
@@ -82,9 +70,9 @@ def begin_statement(isolation: Optional[str], read_only: bool) -> str:
 class TransactionStatus(enum.Enum):
     """Where a transaction is in its life."""
 
-    ACTIVE = "active"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled back"
+    ACTIVE = TransactionExecutor.ACTIVE
+    COMMITTED = TransactionExecutor.COMMITTED
+    ROLLED_BACK = TransactionExecutor.ROLLED_BACK
 
 
 class Rollback(Exception):
@@ -118,7 +106,7 @@ class Savepoint:
         if exc_type is None:
             self.tx.release_savepoint(self.name)
             return False
-        if self.tx.status is TransactionStatus.ACTIVE and not self.tx._dead():
+        if self.tx.status is TransactionStatus.ACTIVE and not self.tx.executor.dead:
             try:
                 self.tx.rollback_to_savepoint(self.name)
                 self.tx.release_savepoint(self.name)
@@ -132,7 +120,7 @@ class Savepoint:
         return isinstance(exc, Rollback) and exc.transaction is None
 
 
-class Transaction(Operations):
+class Transaction(Facade):
     """Statements on one held connection; every facade method, plus savepoints.
 
     Made by ``Database.transaction()``; not thread-safe (use it from the thread that
@@ -141,171 +129,56 @@ class Transaction(Operations):
 
     _names = itertools.count(1)
 
-    def __init__(
-        self,
-        pool: ConnectionPool,
-        conn: PooledConnection,
-        begin: str,
-        slow_query_ms: Optional[float],
-        recorder: Recorder = record,
-    ) -> None:
-        self._pool = pool
-        self._conn = conn
-        self._record = recorder
-        self._cur = conn.cursor()
-        self._pending_begin: Optional[str] = begin
-        self._slow_ms = slow_query_ms
+    def __init__(self, executor: TransactionExecutor, policies: WritePolicies) -> None:
+        super().__init__(Retrying(executor), policies, None)
+        self.executor = executor
+        executor.facade = self
         self._savepoints: List[str] = []
-        self.status = TransactionStatus.ACTIVE
 
     def __repr__(self) -> str:
-        return f"<Transaction {self.status.value} on pool {self._pool.name!r}>"
+        return f"<Transaction {self.status.value} on pool {self.executor.pool.name!r}>"
+
+    @property
+    def status(self) -> TransactionStatus:
+        """Active, committed or rolled back."""
+        return TransactionStatus(self.executor.status)
 
     @property
     def connection(self) -> PooledConnection:
         """The held psycopg2 connection (for what the facade does not cover)."""
-        self._check()
-        self._flush_begin()
-        return self._conn
-
-    # -------------------------------------------------------- executor
-    def _check(self) -> None:
-        if self.status is not TransactionStatus.ACTIVE:
-            raise TransactionError(
-                f"the transaction is {self.status.value}; open a new one"
-            )
-
-    def _dead(self) -> bool:
-        return bool(self._conn.closed)
-
-    def _flush_begin(self) -> None:
-        begin = self._pending_begin
-        if begin is not None:
-            self._pending_begin = None
-            self._exec(begin, None)
-
-    def _exec(self, text: str, params: Params) -> Any:
-        try:
-            self._cur.execute(text, params)
-        except (psycopg2.Error, ValueError) as exc:
-            raise translate(exc, text, connection=self._conn) from exc
-
-    def _run(self, st: q.Statement, params: Params, mode: int, write: bool) -> Any:
-        if self.status is not TransactionStatus.ACTIVE:
-            self._check()
-        cur = self._cur
-        text = st.text or st.render(cur)
-        begin = self._pending_begin
-        if begin is not None:
-            # One round trip for BEGIN and the first statement (simple query protocol).
-            self._pending_begin = None
-            sent = f"{begin}; {text}"
-        else:
-            sent = text
-        t0 = _clock()
-        try:
-            cur.execute(sent, params)
-            result = FETCH[mode](cur)
-        except BaseException as exc:
-            if begin is not None and (
-                self._conn.get_transaction_status() == ext.TRANSACTION_STATUS_IDLE
-            ):
-                # BEGIN did not run either: a parse error fails the whole "BEGIN; ..."
-                # string, a value psycopg2 cannot adapt fails before sending. Keep
-                # BEGIN pending, or the block's next statements would autocommit.
-                self._pending_begin = begin
-            if not isinstance(exc, (psycopg2.Error, ValueError)):
-                raise
-            self._record(text, _clock() - t0, True, None)
-            raise translate(exc, text, connection=self._conn) from exc
-        self._record(text, _clock() - t0, False, self._slow_ms)
-        return result
-
-    def _call(self, fn: Callable[[Any], T], text: str, write: bool) -> T:
-        self._check()
-        self._flush_begin()
-        t0 = _clock()
-        try:
-            result = fn(self._cur)
-        except (psycopg2.Error, ValueError) as exc:
-            self._record(text, _clock() - t0, True, None)
-            raise translate(exc, text, connection=self._conn) from exc
-        self._record(text, _clock() - t0, False, self._slow_ms)
-        return result
-
-    def _atomic(self, fn: Callable[[Operations], T]) -> T:
-        return fn(self)
-
-    def _catalog_pool(self) -> ConnectionPool:
-        return self._pool
+        self.executor.check()
+        self.executor.begin_now()
+        return self.executor.conn
 
     # ------------------------------------------------------- savepoints
+    def _savepoint_sql(self, template: str, name: str) -> None:
+        self.executor.check()
+        ident = sql.Identifier(q.identifier(name, "savepoint"))
+        self.executor.command(
+            sql.SQL(template).format(ident).as_string(self.executor.conn)
+        )
+
     def savepoint(self, name: Optional[str] = None) -> Savepoint:
         """Set a savepoint now; usable as ``with tx.savepoint("step"):`` too.
 
         As a context manager, the block's exception rolls back to the savepoint (then
         propagates); a clean exit releases it. Names are validated and quoted.
         """
-        self._check()
         if name is None:
             name = f"pgaccess_sp_{next(self._names)}"
-        ident = sql.Identifier(q.identifier(name, "savepoint"))
-        self._flush_begin()
-        self._exec(sql.SQL("SAVEPOINT {}").format(ident).as_string(self._cur), None)
+        self._savepoint_sql("SAVEPOINT {}", name)
         self._savepoints.append(name)
         return Savepoint(self, name)
 
     def rollback_to_savepoint(self, name: str) -> None:
         """Undo everything done since savepoint ``name``; the savepoint stays set."""
-        self._check()
-        ident = sql.Identifier(q.identifier(name, "savepoint"))
-        self._exec(
-            sql.SQL("ROLLBACK TO SAVEPOINT {}").format(ident).as_string(self._cur), None
-        )
+        self._savepoint_sql("ROLLBACK TO SAVEPOINT {}", name)
 
     def release_savepoint(self, name: str) -> None:
         """Forget savepoint ``name`` (and those after it), keeping their work."""
-        self._check()
-        ident = sql.Identifier(q.identifier(name, "savepoint"))
-        self._exec(
-            sql.SQL("RELEASE SAVEPOINT {}").format(ident).as_string(self._cur), None
-        )
+        self._savepoint_sql("RELEASE SAVEPOINT {}", name)
         if name in self._savepoints:
             del self._savepoints[self._savepoints.index(name) :]
-
-    # ----------------------------------------------------------- finish
-    def _commit(self) -> None:
-        if self._pending_begin is not None:  # nothing was run: nothing to commit
-            self._pending_begin = None
-            self.status = TransactionStatus.COMMITTED
-            return
-        conn = self._conn
-        if conn.get_transaction_status() == ext.TRANSACTION_STATUS_INERROR:
-            # COMMIT of a failed transaction silently rolls back; say so instead.
-            self._rollback()
-            raise TransactionError(
-                "a statement in the transaction failed (and the error was caught "
-                "inside the block), so the transaction was rolled back, not committed"
-            )
-        try:
-            self._cur.execute("COMMIT")
-        except (psycopg2.Error, ValueError) as exc:
-            self.status = TransactionStatus.ROLLED_BACK
-            err = translate(exc, "COMMIT", connection=conn, write_in_flight=True)
-            raise err from exc
-        self.status = TransactionStatus.COMMITTED
-
-    def _rollback(self) -> None:
-        self.status = TransactionStatus.ROLLED_BACK
-        if self._pending_begin is not None or self._conn.closed:
-            self._pending_begin = None
-            return
-        try:
-            self._cur.execute("ROLLBACK")
-        except psycopg2.Error:
-            # Never hide the error that caused the rollback; the pool discards the
-            # connection if it is broken.
-            logger.warning("ROLLBACK failed", exc_info=True)
 
 
 class TransactionBlock:
@@ -316,14 +189,14 @@ class TransactionBlock:
         pool: ConnectionPool,
         isolation: Optional[str],
         read_only: bool,
-        slow_query_ms: Optional[float],
-        recorder: Recorder = record,
+        record: Recorder,
+        policies: WritePolicies,
     ) -> None:
         self._pool = pool
-        self._record = recorder
+        self._record = record
+        self._policies = policies
         self._begin = begin_statement(isolation, read_only)
         self._explicit = isolation is not None or read_only
-        self._slow_ms = slow_query_ms
         self._tx: Optional[Transaction] = None
         self._savepoint: Optional[Savepoint] = None
 
@@ -339,11 +212,14 @@ class TransactionBlock:
             self._tx = outer
             return outer
         conn = self._pool.acquire()
-        tx = self._tx = Transaction(
-            self._pool, conn, self._begin, self._slow_ms, self._record
-        )
-        txs = _local.__dict__.setdefault("txs", {})
-        txs[self._pool] = tx
+        try:
+            executor = TransactionExecutor(self._pool, conn, self._begin, self._record)
+            tx = Transaction(executor, self._policies)
+        except BaseException:
+            self._pool.release(conn)  # nothing was sent: the slot goes back at once
+            raise
+        self._tx = tx
+        executor.enter()
         return tx
 
     def __exit__(
@@ -356,12 +232,10 @@ class TransactionBlock:
         assert tx is not None
         if self._savepoint is not None:
             return self._savepoint.__exit__(exc_type, exc, tb)
+        executor = tx.executor
         try:
-            if exc_type is None:
-                tx._commit()
-            else:
-                tx._rollback()
+            executor.__exit__(exc_type)
         finally:
-            _local.__dict__["txs"].pop(self._pool, None)
-            self._pool.release(tx._conn)
+            executor.leave()
+            self._pool.release(executor.conn)
         return isinstance(exc, Rollback) and exc.transaction in (None, tx)

@@ -91,8 +91,10 @@ TABLE_SITES: Dict[str, Call] = {
     "update-all": lambda o, t: o.update(t, {"status": "failed"}, all_rows=True),
     "delete": lambda o, t: o.delete(t, {"id": 1}),
     "delete-all": lambda o, t: o.delete(t, all_rows=True),
-    "upsert": lambda o, t: o.upsert(t, {"src_hash": "seed"}),
-    "upsert-nothing": lambda o, t: o.upsert(t, {"src_hash": "seed"}, update=()),
+    "upsert": lambda o, t: o.upsert(t, {"src_hash": "seed"}, conflict="src_hash"),
+    "upsert-nothing": lambda o, t: o.upsert(
+        t, {"src_hash": "seed"}, conflict="src_hash", update=()
+    ),
 }
 
 

@@ -1,24 +1,19 @@
-"""The facade's methods, shared by ``Database`` and ``Transaction``.
+"""The facade's methods, written once on an executor: ``find_one`` ... ``execute_many``.
 
-One implementation of ``insert``, ``find_one``, ... ; only the executor differs: a
-``Database`` runs each call as one autocommit statement on a pooled connection, a
-``Transaction`` runs it on the connection it holds. Subclasses implement ``_run`` (one
-cached statement, the hot path) and ``_call`` (anything else done with a cursor).
+``Database`` and ``Transaction`` are this facade on different executors (see
+``executor.py``): a ``Database`` runs each call as one autocommit statement on a
+pooled connection, retried where its policy allows; a ``Transaction`` runs it on the
+connection it holds. The facade builds each statement once per shape (``sql.py``),
+and decides retries from data: the read policy, and the write policies of
+``policies.py``. It never decides by a table's name.
 """
 
 from __future__ import annotations
 
-import datetime
-import decimal
-import io
 import logging
-import math
 import operator
-import threading
-import uuid
 from typing import (
     Any,
-    Callable,
     Dict,
     Iterable,
     List,
@@ -30,239 +25,51 @@ from typing import (
     Union,
 )
 
-import psycopg2
 import psycopg2.extras
 from psycopg2 import sql
 
 from . import sql as q
+from .copy import copy_buffer
 from .errors import (
-    DataError,
+    CommitOutcomeUnknown,
     InvalidQuery,
     SerializationFailure,
+    UniqueViolation,
     UnknownColumn,
     UnknownTable,
     suggest,
 )
-from .retry import table_policy
+from .executor import ONE, ROWCOUNT, ROWS, SCALAR, Params, Retrying
+from .policies import WritePolicies, WritePolicy
+from .retry import RetryPolicy
 
-__all__ = ["Operations", "Row"]
+__all__ = ["Facade", "Row"]
 
-logger = logging.getLogger("pgaccess.database")
+logger = logging.getLogger("pgaccess.facade")
 
 T = TypeVar("T")
 Row = Dict[str, Any]
-Params = Union[None, Sequence[Any], Mapping[str, Any]]
-
-# Result modes of _run.
-ONE, ROWS, SCALAR, ROWCOUNT = range(4)
 
 
-def _names(cur: Any) -> List[str]:
-    # d.name, not d[0]: psycopg2's Column.__getitem__ costs six times the attribute,
-    # which on a 16-column row was most of the facade's overhead per call.
-    return [d.name for d in cur.description]
+class Facade:
+    """``insert``, ``find_one``, ``update``, ... on an executor.
 
-
-def fetch_one(cur: Any) -> Optional[Row]:
-    row = cur.fetchone()
-    return None if row is None else dict(zip(_names(cur), row))
-
-
-def fetch_rows(cur: Any) -> List[Row]:
-    if cur.description is None:
-        return []
-    names = _names(cur)
-    return [dict(zip(names, row)) for row in cur.fetchall()]
-
-
-def fetch_scalar(cur: Any) -> Any:
-    row = cur.fetchone()
-    return None if row is None else row[0]
-
-
-def fetch_rowcount(cur: Any) -> int:
-    return int(cur.rowcount)
-
-
-FETCH: Tuple[Callable[[Any], Any], ...] = (
-    fetch_one,
-    fetch_rows,
-    fetch_scalar,
-    fetch_rowcount,
-)
-
-
-# ------------------------------------------------------------ statistics
-class QueryStats:
-    """Per statement shape: calls, total and max milliseconds, errors (all threads)."""
-
-    __slots__ = ("calls", "errors", "max_ms", "total_ms")
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.errors = 0
-        self.total_ms = 0.0
-        self.max_ms = 0.0
-
-
-_stats: Dict[str, QueryStats] = {}
-_stats_lock = threading.Lock()
-
-
-def record(text: str, elapsed: float, failed: bool, slow_ms: Optional[float]) -> None:
-    """Count one execution of ``text`` (seconds ``elapsed``); log it if slow."""
-    ms = elapsed * 1000.0
-    with _stats_lock:
-        st = _stats.get(text)
-        if st is None:
-            if len(_stats) >= q.CACHE_SIZE:
-                _stats.clear()
-            st = _stats[text] = QueryStats()
-        st.calls += 1
-        st.total_ms += ms
-        if ms > st.max_ms:
-            st.max_ms = ms
-        if failed:
-            st.errors += 1
-    if slow_ms is not None and ms >= slow_ms:
-        logger.warning("slow query: %.1f ms: %s", ms, " ".join(text.split())[:500])
-
-
-def query_stats(top: Optional[int] = 20) -> List[Dict[str, Any]]:
-    """The ``top`` statements by total time (all of them for None), with counts."""
-    with _stats_lock:
-        items = [
-            {
-                "statement": " ".join(text.split()),
-                "calls": st.calls,
-                "total_ms": round(st.total_ms, 3),
-                "mean_ms": round(st.total_ms / st.calls, 3) if st.calls else 0.0,
-                "max_ms": round(st.max_ms, 3),
-                "errors": st.errors,
-            }
-            for text, st in _stats.items()
-        ]
-    items.sort(key=lambda s: s["total_ms"], reverse=True)  # type: ignore[arg-type,return-value]
-    return items if top is None else items[:top]
-
-
-# ------------------------------------------------------------------ COPY
-_COPY_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-_FLOAT_WORDS = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
-
-
-def _copy_str(v: str) -> str:
-    if "\x00" in v:
-        raise DataError(
-            "a string value contains a NUL (0x00) byte, which text cannot hold"
-        )
-    return v.translate(_COPY_ESCAPE)
-
-
-def _copy_float(v: float) -> str:
-    if v != v:
-        return "NaN"
-    return _FLOAT_WORDS.get(v) or repr(v)
-
-
-# Types whose COPY text form is exact and unambiguous; anything else (lists, dicts,
-# bytes, custom adapters) goes through execute_values and psycopg2's own adaptation.
-_COPY_FORMAT: Dict[type, Callable[[Any], str]] = {
-    str: _copy_str,
-    int: str,
-    bool: lambda v: "t" if v else "f",
-    float: _copy_float,
-    decimal.Decimal: str,
-    uuid.UUID: str,
-    datetime.datetime: datetime.datetime.isoformat,
-    datetime.date: datetime.date.isoformat,
-    datetime.time: datetime.time.isoformat,
-}
-
-
-_NoneType = type(None)
-_COPY_SPECIAL = ("\\", "\t", "\n", "\r", "\x00")
-
-
-def _copy_column(values: Sequence[Any]) -> Optional[List[str]]:
-    """One column of rows in COPY text form, or None if a value has no exact one.
-
-    Column by column, so that the common case (every value of one type) is a ``map``
-    over the column in C, not a dictionary lookup and a call per value.
+    ``read_retry`` is how reads are retried (None: never); ``write_policies`` say
+    which writes re-run safely (see ``policies.py``).
     """
-    types = set(map(type, values))
-    nulls = _NoneType in types
-    types.discard(_NoneType)
-    if not types:
-        return ["\\N"] * len(values)
-    if len(types) > 1:
-        return _copy_values(values)  # mixed, e.g. int and Decimal: value by value
-    if nulls:  # encode the others as a column, then put the NULLs back
-        present = _copy_column([v for v in values if v is not None])
-        if present is None:
-            return None
-        encoded = iter(present)
-        return ["\\N" if v is None else next(encoded) for v in values]
-    kind = types.pop()
-    if kind is str:
-        text = "".join(values)
-        if any(c in text for c in _COPY_SPECIAL):  # rare: escape (and check NUL)
-            return [_copy_str(v) for v in values]
-        return list(values)
-    if kind is float:
-        if all(map(math.isfinite, values)):
-            return list(map(repr, values))
-        return [_copy_float(v) for v in values]
-    conv = _COPY_FORMAT.get(kind)
-    if conv is None:
-        return None
-    return list(map(conv, values))
 
-
-def _copy_values(values: Sequence[Any]) -> Optional[List[str]]:
-    fmt = _COPY_FORMAT
-    out = []
-    for v in values:
-        if v is None:
-            out.append("\\N")
-            continue
-        conv = fmt.get(type(v))
-        if conv is None:
-            return None
-        out.append(conv(v))
-    return out
-
-
-def _copy_buffer(columns: Sequence[Sequence[Any]]) -> Optional[io.StringIO]:
-    """Rows, given as their columns, in COPY text format; None if a value has no
-    exact text form."""
-    encoded = []
-    for values in columns:
-        column = _copy_column(values)
-        if column is None:
-            return None
-        encoded.append(column)
-    lines = list(map("\t".join, zip(*encoded)))
-    lines.append("")
-    return io.StringIO("\n".join(lines))
-
-
-# -------------------------------------------------------------- the facade
-class Operations:
-    """The facade's methods; a subclass supplies the executor (``_run``, ``_call``)."""
-
-    def _run(self, st: q.Statement, params: Params, mode: int, write: bool) -> Any:
-        raise NotImplementedError
+    def __init__(
+        self,
+        executor: Retrying,
+        write_policies: WritePolicies,
+        read_retry: Optional[RetryPolicy],
+    ) -> None:
+        self._ex = executor
+        self.write_policies = write_policies
+        self._read_retry = read_retry
 
     def _read(self, st: q.Statement, params: Params, mode: int) -> Any:
-        return self._run(st, params, mode, False)
-
-    def _call(self, fn: Callable[[Any], T], text: str, write: bool) -> T:
-        raise NotImplementedError
-
-    def _atomic(self, fn: Callable[[Operations], T]) -> T:
-        """Run ``fn`` with an executor inside one transaction (joined if open)."""
-        raise NotImplementedError
+        return self._ex.run(st, params, mode, False, self._read_retry)
 
     # ----------------------------------------------------------- reads
     def find_one(
@@ -281,7 +88,7 @@ class Operations:
             else _names_key(columns)
         )
         key = ("one", table, shape, cols, q.order_key(order_by))
-        st = q._cache.get(key) or q.statement(
+        st = q.cached(key) or q.statement(
             key,
             lambda: sql.SQL("SELECT {} FROM {}{}{} LIMIT 1").format(
                 q.columns_sql(columns),
@@ -325,7 +132,7 @@ class Operations:
             limit is None,
             offset is None,
         )
-        st = q._cache.get(key) or q.statement(
+        st = q.cached(key) or q.statement(
             key,
             lambda: sql.SQL("SELECT {} FROM {}{}{}{}{}").format(
                 q.columns_sql(columns),
@@ -361,7 +168,7 @@ class Operations:
         """The one value of a read over ``table`` filtered by ``where``."""
         shape, params = q.where_shape(where)
         key = (template, table, shape)
-        st = q._cache.get(key) or q.statement(
+        st = q.cached(key) or q.statement(
             key,
             lambda: sql.SQL(template).format(
                 q.table_identifier(table), q.compile_where(shape)
@@ -386,7 +193,7 @@ class Operations:
         None returns None. Raises ``UniqueViolation`` and the other ``IntegrityError``
         subclasses when a constraint rejects the row.
         """
-        policy = table_policy(table)
+        policy = self.write_policies.of(table)
         if policy is not None and policy.generated is not None:
             column, make = policy.generated
             if column not in data:  # before the first attempt, so a retry reuses it
@@ -394,34 +201,107 @@ class Operations:
         cols = _data_columns(data)
         ret = _names_key(returning)
         key = ("insert", table, cols, ret)
-        st = q._cache.get(key) or q.statement(
+        st = q.cached(key) or q.statement(
             key, lambda: _insert_sql(table, cols, returning)
         )
         params = list(data.values())
         mode = (
             ROWCOUNT if returning is None else (SCALAR if _single(returning) else ONE)
         )
+        retry = again = None
+        if policy is not None and all(k in data for k in policy.key):
+            # Every further attempt is the idempotent form, whatever the first error
+            # was: any of them may itself lose its reply after it landed.
+            retry = policy.retry
+
+            def again(first: BaseException) -> Any:
+                return self._insert_again(policy, data, returning, st)
+
         try:
-            result = self._write(table, st, params, mode, data, returning)
+            result = self._ex.run(st, params, mode, True, retry, again)
         except (UnknownColumn, UnknownTable) as exc:
             raise self._explain(exc, table, cols) from exc.__cause__
         return None if returning is None else result
 
-    def _write(
+    def _insert_again(
         self,
-        table: str,
-        st: q.Statement,
-        params: List[Any],
-        mode: int,
+        policy: WritePolicy,
         data: Mapping[str, Any],
         returning: Any,
+        st: q.Statement,
     ) -> Any:
-        """Run an insert; ``Database`` adds the per-table retry policy."""
-        return self._run(st, params, mode, True)
+        """Re-run an insert whose first outcome is unknown, without writing twice."""
+        table, key = policy.table, policy.key
+        row = self.upsert(table, data, conflict=key, update=())
+        if not self._holds(table, key, data):
+            raise UniqueViolation(
+                f"a row with the same {', '.join(key)} already exists in {table} "
+                "with other values; this call did not write it",
+                sqlstate="23505",
+                statement=st.text,
+            )
+        if returning is None or returning == "*":
+            return None if returning is None else row
+        if isinstance(returning, str):
+            return row[returning]
+        return {c: row[c] for c in returning}
 
-    def _idempotent_write(self, table: str, st: q.Statement, params: List[Any]) -> int:
-        """Run an update or delete; ``Database`` adds the per-table retry policy."""
-        return int(self._run(st, params, ROWCOUNT, True))
+    def _holds(self, table: str, key: Sequence[str], data: Mapping[str, Any]) -> bool:
+        """Whether the row with ``data``'s key holds exactly ``data``'s values.
+
+        Compared by the server, with the same casts the insert applied (a naive
+        datetime into timestamptz, NaN, JSON), not by Python equality of what
+        comes back.
+        """
+        cols = tuple(data)
+        composed = sql.SQL(
+            "SELECT ROW({}) IS NOT DISTINCT FROM ROW({}) FROM {} WHERE ({}) = ({})"
+        ).format(
+            sql.SQL(", ").join(sql.Identifier(q.identifier(c)) for c in cols),
+            sql.SQL(", ").join(sql.Placeholder() * len(cols)),
+            q.table_identifier(table),
+            sql.SQL(", ").join(sql.Identifier(q.identifier(c)) for c in key),
+            sql.SQL(", ").join(sql.Placeholder() * len(key)),
+        )
+        st = q.statement(("holds", table, cols, tuple(key)), lambda: composed)
+        params = [*data.values(), *(data[c] for c in key)]
+        return bool(self._ex.run(st, params, SCALAR, False))
+
+    def _write_pinned(
+        self, table: str, st: q.Statement, params: List[Any], shape: Tuple[Any, ...]
+    ) -> int:
+        """Run an update or delete; re-run it after a failure only where that is safe.
+
+        The facade's updates set absolute values and deletes are idempotent, so
+        running one twice leaves the same state, provided its WHERE matches the same
+        rows both times: only a WHERE that pins one row by equality on a unique key
+        of the table's write policy is re-run. Any other is raised as it failed.
+        """
+        policy = self.write_policies.of(table)
+        if policy is None or not policy.pins_one_row(q.equal_columns(shape)):
+            return int(self._ex.run(st, params, ROWCOUNT, True))
+        unknown = False
+
+        def again(first: BaseException) -> int:
+            nonlocal unknown
+            unknown = unknown or isinstance(first, CommitOutcomeUnknown)
+            try:
+                count = int(self._ex.run(st, params, ROWCOUNT, True))
+            except CommitOutcomeUnknown:
+                unknown = True
+                raise
+            if count == 0 and unknown:
+                # An earlier attempt may have changed the row already: "0" would
+                # tell the caller it changed nothing, which may be false.
+                raise CommitOutcomeUnknown(
+                    "the connection was lost while this write was in flight, and "
+                    "running it again matched no rows: the first attempt may or "
+                    "may not have applied it",
+                    statement=st.text,
+                ) from first
+            return count
+
+        return int(self._ex.run(st, params, ROWCOUNT, True, policy.retry, again))
 
     def insert_many(
         self,
@@ -460,7 +340,7 @@ class Operations:
         target = q.table_identifier(table)
         col_sql = sql.SQL(", ").join(sql.Identifier(q.identifier(c)) for c in cols)
         if returning is None:
-            buffer = _copy_buffer(
+            buffer = copy_buffer(
                 [list(map(operator.itemgetter(c), rows)) for c in cols]
             )
             if buffer is not None:
@@ -471,7 +351,7 @@ class Operations:
                     return int(cur.rowcount)
 
                 try:
-                    return self._call(run_copy, f"COPY {table}", True)
+                    return self._ex.call(run_copy, f"COPY {table}", True)
                 except (UnknownColumn, UnknownTable) as exc:
                     raise self._explain(exc, table, cols) from exc.__cause__
         ret = q.returning_sql(returning)
@@ -481,19 +361,20 @@ class Operations:
             list(map(pick, rows)) if len(cols) > 1 else [(pick(r),) for r in rows]
         )
 
-        def run_pages(ops: Operations) -> Any:
-            def pages(cur: Any) -> Any:
-                text = stmt.as_string(cur)
-                out = psycopg2.extras.execute_values(
-                    cur, text, values, page_size=page_size, fetch=returning is not None
-                )
-                return [r[0] for r in out] if returning is not None else len(values)
-
-            return ops._call(pages, f"INSERT INTO {table} ... VALUES", True)
+        def pages(cur: Any) -> Any:
+            text = stmt.as_string(cur)
+            out = psycopg2.extras.execute_values(
+                cur, text, values, page_size=page_size, fetch=returning is not None
+            )
+            return [r[0] for r in out] if returning is not None else len(values)
 
         try:
-            return (
-                self._atomic(run_pages) if len(values) > page_size else run_pages(self)
+            # More than one page: all of them in one transaction, all or none.
+            return self._ex.call(
+                pages,
+                f"INSERT INTO {table} ... VALUES",
+                True,
+                atomic=len(values) > page_size,
             )
         except (UnknownColumn, UnknownTable) as exc:
             raise self._explain(exc, table, cols) from exc.__cause__
@@ -516,7 +397,7 @@ class Operations:
         shape, where_params = q.where_shape(where)
         _guard_all_rows("update", shape, all_rows)
         key = ("update", table, cols, shape)
-        st = q._cache.get(key) or q.statement(
+        st = q.cached(key) or q.statement(
             key,
             lambda: sql.SQL("UPDATE {} SET {}{}").format(
                 q.table_identifier(table),
@@ -528,7 +409,7 @@ class Operations:
             ),
         )
         try:
-            return self._idempotent_write(table, st, [*data.values(), *where_params])
+            return self._write_pinned(table, st, [*data.values(), *where_params], shape)
         except (UnknownColumn, UnknownTable) as exc:
             raise self._explain(
                 exc, table, (*cols, *_referenced(where))
@@ -548,14 +429,14 @@ class Operations:
         shape, params = q.where_shape(where)
         _guard_all_rows("delete", shape, all_rows)
         key = ("delete", table, shape)
-        st = q._cache.get(key) or q.statement(
+        st = q.cached(key) or q.statement(
             key,
             lambda: sql.SQL("DELETE FROM {}{}").format(
                 q.table_identifier(table), q.compile_where(shape)
             ),
         )
         try:
-            return self._idempotent_write(table, st, params)
+            return self._write_pinned(table, st, params, shape)
         except (UnknownColumn, UnknownTable) as exc:
             raise self._explain(exc, table, _referenced(where)) from exc.__cause__
 
@@ -563,16 +444,26 @@ class Operations:
         self,
         table: str,
         data: Mapping[str, Any],
-        conflict: Sequence[str] = ("src_hash",),
+        conflict: Optional[Sequence[str]] = None,
         update: Optional[Sequence[str]] = None,
     ) -> Row:
         """Insert, or on a ``conflict`` key clash update; return the row as a dict.
 
-        ``update`` names the columns to overwrite (default: every column of ``data``
-        not in ``conflict``); ``update=()`` means DO NOTHING, and the existing row is
+        ``conflict`` defaults to the idempotency key of the table's write policy;
+        a table without one needs it (else ``InvalidQuery``). ``update`` names the
+        columns to overwrite (default: every column of ``data`` not in
+        ``conflict``); ``update=()`` means DO NOTHING, and the existing row is
         returned unchanged. One statement, so it is atomic and safe to retry.
         """
         cols = _data_columns(data)
+        if conflict is None:
+            policy = self.write_policies.of(table)
+            if policy is None:
+                raise InvalidQuery(
+                    f"upsert into {table}: name the unique key to test with conflict= "
+                    "(this table has no write policy that declares one)"
+                )
+            conflict = policy.key
         if isinstance(conflict, str):
             conflict = (conflict,)
         conflict = tuple(conflict)
@@ -588,14 +479,14 @@ class Operations:
         if any(c not in data for c in update):
             raise InvalidQuery(f"upsert: update columns {list(update)} must be in data")
         key = ("upsert", table, cols, conflict, update)
-        st = q._cache.get(key) or q.statement(
+        st = q.cached(key) or q.statement(
             key, lambda: _upsert_sql(table, cols, conflict, update)
         )
         params = list(data.values())
         if not update:
             params += [data[c] for c in conflict]
         try:
-            row: Optional[Row] = self._run(st, params, ONE, True)
+            row: Optional[Row] = self._ex.run(st, params, ONE, True)
         except (UnknownColumn, UnknownTable) as exc:
             raise self._explain(exc, table, (*cols, *conflict)) from exc.__cause__
         if row is None:
@@ -613,19 +504,28 @@ class Operations:
 
     # ------------------------------------------------------------- raw
     def execute(
-        self, query: Union[str, sql.Composable], params: Params = None
+        self,
+        query: Union[str, sql.Composable],
+        params: Params = None,
+        *,
+        retry: Optional[RetryPolicy] = None,
     ) -> List[Row]:
         """Run one SQL statement with bound ``params``; return its rows as dicts.
 
         Statements without rows (INSERT without RETURNING, DDL) return ``[]``. Values
-        go in ``params`` (``%s`` or ``%(name)s`` placeholders), never into the text.
-        A SELECT is retried on transient errors outside transactions; other
-        statements are not (their outcome may be unknown).
+        go in ``params`` (``%s`` or ``%(name)s`` placeholders), never into the text;
+        params that do not fit the placeholders raise ``InvalidQuery`` before
+        anything is sent. A SELECT is retried on transient errors outside
+        transactions; other statements are not (their outcome may be unknown),
+        unless ``retry`` says how: pass one only for a statement that is safe to run
+        twice (say, ``INSERT ... ON CONFLICT DO NOTHING``). Never retried inside a
+        transaction.
         """
+        q.check_params(params)
         st = _raw_statement(query)
-        if _is_read(st.composed):
+        if retry is None and _is_read(st.composed):
             return self._read(st, params, ROWS)  # type: ignore[no-any-return]
-        return self._run(st, params, ROWS, True)  # type: ignore[no-any-return]
+        return self._ex.run(st, params, ROWS, True, retry)  # type: ignore[no-any-return]
 
     def execute_many(
         self, query: Union[str, sql.Composable], seq_of_params: Iterable[Params]
@@ -638,16 +538,21 @@ class Operations:
         batch = list(seq_of_params)
         if not batch:
             return 0
+        for params in batch:
+            q.check_params(params)
         st = _raw_statement(query)
 
-        def run(ops: Operations) -> int:
-            def many(cur: Any) -> int:
-                cur.executemany(st.render(cur), batch)
-                return max(int(cur.rowcount), 0)
+        def many(cur: Any) -> int:
+            text = st.render(cur)
+            for params in batch:  # psycopg2 sends each as it goes: check all first
+                try:
+                    cur.mogrify(text, params)
+                except (IndexError, KeyError, TypeError) as exc:
+                    raise InvalidQuery(q.params_mismatch(text, params)) from exc
+            cur.executemany(text, batch)
+            return max(int(cur.rowcount), 0)
 
-            return ops._call(many, _text_of(st), True)
-
-        return self._atomic(run)
+        return self._ex.call(many, _text_of(st), True, atomic=True)
 
     # ----------------------------------------------------------- errors
     def _explain(
@@ -661,7 +566,7 @@ class Operations:
             schema, _, name = table.rpartition(".")
             if isinstance(exc, UnknownTable):
                 tables = _catalog_names(
-                    self._catalog_pool(),
+                    self._ex.pool,
                     "SELECT table_name FROM information_schema.tables "
                     "WHERE table_schema = COALESCE(NULLIF(%s, ''), current_schema())",
                     (schema,),
@@ -670,7 +575,7 @@ class Operations:
                 message = f"table {table!r} does not exist{hint}"
             else:
                 columns = _catalog_names(
-                    self._catalog_pool(),
+                    self._ex.pool,
                     "SELECT column_name FROM information_schema.columns "
                     "WHERE table_schema = COALESCE(NULLIF(%s, ''), current_schema()) "
                     "AND table_name = %s",
@@ -690,9 +595,6 @@ class Operations:
         better = type(exc)(message, sqlstate=exc.sqlstate, statement=exc.statement)
         better.__cause__ = exc.__cause__
         return better
-
-    def _catalog_pool(self) -> Any:
-        raise NotImplementedError
 
 
 def _did_you_mean(name: str, candidates: Iterable[str]) -> str:

@@ -1,4 +1,4 @@
-"""The video pipeline's tables: the ``video_job`` queue, highlights and metrics.
+"""The ``video_job`` queue: ``VideoJobs``, a claimed job's handle, its heartbeat.
 
 - :class:`VideoJobs`: enqueue, claim (``FOR NO KEY UPDATE SKIP LOCKED``), heartbeat,
   complete, fail with exponential backoff, reclaim stale jobs, retry, cancel, purge,
@@ -35,13 +35,12 @@ import contextlib
 import datetime
 import logging
 import os
-import socket
 import threading
 import uuid
+import weakref
 from time import perf_counter
 from typing import (
     Any,
-    Callable,
     Dict,
     Iterable,
     Iterator,
@@ -50,40 +49,26 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
-    TypeVar,
     Union,
 )
 
-from .database import Database
-from .errors import DatabaseError, InvalidQuery, OperationalError
-from .retry import RetryPolicy, is_transient_or_unknown
+from ..database import Database
+from ..errors import DatabaseError, InvalidQuery
+from ..retry import WRITE, RetryPolicy
+from . import queries as Q
 
-__all__ = [
-    "Duration",
-    "Handler",
-    "Highlights",
-    "JobHandle",
-    "JobLost",
-    "Metrics",
-    "VideoJobs",
-    "Worker",
-]
+__all__ = ["Duration", "JobHandle", "JobLost", "VideoJobs"]
 
-logger = logging.getLogger("pgaccess.jobs")
+logger = logging.getLogger("pgaccess.jobs.queue")
 
-T = TypeVar("T")
 Row = Dict[str, Any]
 #: A length of time: seconds (int or float) or a ``datetime.timedelta``.
 Duration = Union[float, int, datetime.timedelta]
-#: What ``Worker`` runs per job: ``handler(job_row) -> result``. The result is None
-#: or a mapping with optional ``highlights`` (a list of dicts with start, end, score
-#: and label), ``output_path`` and ``metrics`` (stage name -> milliseconds).
-Handler = Callable[[Dict[str, Any]], Any]
 
 _MAX_ERROR_CHARS = 4000
 
 
-def _seconds(value: Duration, what: str) -> float:
+def seconds(value: Duration, what: str) -> float:
     seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else value
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise InvalidQuery(f"{what} must be seconds or a timedelta, got {value!r}")
@@ -92,7 +77,7 @@ def _seconds(value: Duration, what: str) -> float:
     return float(seconds)
 
 
-def _error_text(error: object) -> str:
+def error_text(error: object) -> str:
     """Text for the ``error`` column: no NUL bytes (text cannot hold them), capped."""
     if isinstance(error, BaseException):
         message = str(error).strip()
@@ -139,230 +124,11 @@ class JobLost(DatabaseError):
         self.holder = holder
 
 
-# ------------------------------------------------------------------ statements
-_ENQUEUE = """
-WITH input AS (
-    SELECT * FROM unnest(
-        %(hashes)s::text[], %(paths)s::text[], %(priorities)s::int[],
-        %(at)s::timestamptz[], %(delays)s::float8[], %(max_attempts)s::int[]
-    ) WITH ORDINALITY AS t(src_hash, input_path, priority, at, delay, max_attempts, ord)
-), ins AS (
-    INSERT INTO video_job (src_hash, input_path, priority, run_after, max_attempts)
-    SELECT src_hash, input_path, priority,
-           COALESCE(at, now() + make_interval(secs => delay), now()), max_attempts
-    FROM input
-    ORDER BY ord
-    ON CONFLICT (src_hash) DO NOTHING
-    RETURNING id, src_hash
-)
-SELECT input.ord, COALESCE(ins.id, v.id) AS id
-FROM input
-LEFT JOIN ins ON ins.src_hash = input.src_hash
-LEFT JOIN video_job AS v ON v.src_hash = input.src_hash
-ORDER BY input.ord
-"""
-
-# MATERIALIZED: the locking SELECT runs once, on its own, and feeds the UPDATE; inlined,
-# the planner could evaluate it in a way that locks rows it then does not update.
-# SKIP LOCKED: concurrent claimers pass over each other's rows instead of queueing.
-# The order is that of video_job_queued_idx (priority DESC, created_at, id).
-_CLAIM = """
-WITH picked AS MATERIALIZED (
-    SELECT id FROM video_job
-    WHERE status = 'queued' AND run_after <= now() AND attempts < max_attempts
-    ORDER BY priority DESC, created_at, id
-    LIMIT %(limit)s
-    FOR NO KEY UPDATE SKIP LOCKED
-)
-UPDATE video_job AS v
-SET status = 'processing', locked_by = %(worker)s, locked_at = now(),
-    heartbeat_at = now(), attempts = v.attempts + 1
-FROM picked
-WHERE v.id = picked.id
-RETURNING v.*
-"""
-
-_HEARTBEAT = """
-UPDATE video_job SET heartbeat_at = now()
-WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
-RETURNING id
-"""
-
-_HEARTBEAT_MANY = """
-UPDATE video_job AS v SET heartbeat_at = now()
-FROM unnest(%(ids)s::bigint[], %(workers)s::text[]) AS h(id, worker)
-WHERE v.id = h.id AND v.status = 'processing' AND v.locked_by = h.worker
-RETURNING v.id
-"""
-
-# One statement, so one transaction: the job is completed together with its highlights
-# and metrics, or not at all. The inserts read ``done``, so they write nothing when the
-# job is no longer held (or a retry finds it already completed).
-_COMPLETE = """
-WITH done AS (
-    UPDATE video_job
-    SET status = 'completed', output_path = %(output_path)s, error = NULL,
-        finished_at = now(), heartbeat_at = now()
-    WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
-    RETURNING id
-), hl AS (
-    INSERT INTO highlight (job_id, start_time, end_time, score, label)
-    SELECT done.id, h.start_time, h.end_time, h.score, h.label
-    FROM done, unnest(
-        %(starts)s::float8[], %(ends)s::float8[], %(scores)s::float8[],
-        %(labels)s::text[]
-    ) AS h(start_time, end_time, score, label)
-    ON CONFLICT (job_id, start_time, end_time) DO NOTHING
-    RETURNING 1
-), m AS (
-    INSERT INTO processing_metrics (op_id, job_id, stage, duration_ms)
-    SELECT m.op_id, done.id, m.stage, m.duration_ms
-    FROM done, unnest(%(op_ids)s::uuid[], %(stages)s::text[], %(durations)s::float8[])
-        AS m(op_id, stage, duration_ms)
-    ON CONFLICT (op_id) DO NOTHING
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM done) AS completed,
-       (SELECT count(*) FROM hl) AS highlights,
-       (SELECT count(*) FROM m) AS metrics
-"""
-
-# attempts was counted at claim time: after the first failure the wait is BACKOFF_BASE,
-# then doubles, capped at BACKOFF_MAX.
-_FAIL = """
-UPDATE video_job
-SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
-    error = %(error)s,
-    run_after = CASE WHEN attempts < max_attempts
-        THEN now() + make_interval(
-            secs => least(%(max)s::float8, %(base)s::float8 * power(2, attempts - 1)))
-        ELSE run_after END,
-    finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END
-WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
-RETURNING status
-"""
-
-_RELEASE = """
-UPDATE video_job
-SET status = 'queued', attempts = greatest(attempts - 1, 0), run_after = now()
-WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
-RETURNING id
-"""
-
-_RECLAIM = """
-UPDATE video_job
-SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
-    error = format('reclaimed: no heartbeat from %%s since %%s', locked_by,
-                   heartbeat_at),
-    locked_by = NULL,
-    run_after = now(),
-    finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END
-WHERE status = 'processing'
-  AND heartbeat_at < now() - make_interval(secs => %(older)s::float8)
-RETURNING id, status
-"""
-
-_RETRY_FAILED = """
-UPDATE video_job
-SET status = 'queued', attempts = 0, run_after = now(), finished_at = NULL,
-    locked_by = NULL
-WHERE id = %(id)s AND status = 'failed'
-RETURNING id
-"""
-
-_CANCEL = """
-UPDATE video_job SET status = 'cancelled', finished_at = now()
-WHERE id = %(id)s AND status IN ('queued', 'processing')
-RETURNING id
-"""
-
-_PURGE = """
-WITH gone AS (
-    DELETE FROM video_job
-    WHERE status IN ('completed', 'failed', 'cancelled')
-      AND finished_at < now() - make_interval(secs => %(older)s::float8)
-    RETURNING 1
-)
-SELECT count(*) AS purged FROM gone
-"""
-
-_JOB_STATE = "SELECT status, locked_by FROM video_job WHERE id = %(id)s"
-
-_STATS = """
-SELECT
-    count(*) FILTER (WHERE status = 'queued') AS queued,
-    count(*) FILTER (WHERE status = 'processing') AS processing,
-    count(*) FILTER (WHERE status = 'completed') AS completed,
-    count(*) FILTER (WHERE status = 'failed') AS failed,
-    count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-    count(*) AS total,
-    count(*) FILTER (WHERE attempts > 1) AS retried,
-    extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'queued'))::float8
-        AS oldest_queued_s,
-    (count(*) FILTER (WHERE finished_at > now() - interval '5 minutes'))::float8 / 5
-        AS finished_per_minute,
-    (count(*) FILTER (WHERE status = 'completed'))::float8
-        / NULLIF(count(*) FILTER (WHERE status IN ('completed', 'failed')), 0)
-        AS success_rate,
-    avg(extract(epoch FROM finished_at - locked_at)::float8)
-        FILTER (WHERE status = 'completed') AS mean_processing_s,
-    percentile_cont(0.95) WITHIN GROUP (
-        ORDER BY extract(epoch FROM finished_at - locked_at)::float8)
-        FILTER (WHERE status = 'completed') AS p95_processing_s
-FROM video_job
-WHERE %(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[])
-"""
-
-_ADD_HIGHLIGHTS = """
-INSERT INTO highlight (job_id, start_time, end_time, score, label)
-SELECT %(job_id)s, h.start_time, h.end_time, h.score, h.label
-FROM unnest(
-    %(starts)s::float8[], %(ends)s::float8[], %(scores)s::float8[], %(labels)s::text[]
-) AS h(start_time, end_time, score, label)
-ON CONFLICT (job_id, start_time, end_time) DO NOTHING
-RETURNING id
-"""
-
-_HIGHLIGHTS_FOR_JOB = """
-SELECT id, job_id, start_time, end_time, score, label, created_at
-FROM highlight
-WHERE job_id = %(job_id)s AND (%(min)s::float8 IS NULL OR score >= %(min)s::float8)
-ORDER BY start_time, end_time
-"""
-
-_TOP_HIGHLIGHTS = """
-SELECT id, job_id, start_time, end_time, score, label, created_at
-FROM highlight
-ORDER BY score DESC, id
-LIMIT %(n)s
-"""
-
-_RECORD_METRIC = """
-INSERT INTO processing_metrics (op_id, job_id, stage, duration_ms)
-VALUES (%(op_id)s::uuid, %(job_id)s, %(stage)s, %(duration_ms)s)
-ON CONFLICT (op_id) DO NOTHING
-"""
-
-_METRICS_SUMMARY = """
-SELECT stage,
-       count(*) AS count,
-       avg(duration_ms) AS mean_ms,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50_ms,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms,
-       max(duration_ms) AS max_ms
-FROM processing_metrics
-WHERE (%(ids)s::bigint[] IS NULL OR job_id = ANY(%(ids)s::bigint[]))
-  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
-GROUP BY stage
-ORDER BY stage
-"""
-
-
 # ------------------------------------------------------------------ helpers
-_HighlightColumns = Tuple[List[float], List[float], List[float], List[Optional[str]]]
+HighlightColumns = Tuple[List[float], List[float], List[float], List[Optional[str]]]
 
 
-def _highlight_columns(highlights: Iterable[Mapping[str, Any]]) -> _HighlightColumns:
+def highlight_columns(highlights: Iterable[Mapping[str, Any]]) -> HighlightColumns:
     """Split highlight dicts into the column arrays the statements unnest."""
     starts: List[float] = []
     ends: List[float] = []
@@ -389,7 +155,7 @@ def _highlight_columns(highlights: Iterable[Mapping[str, Any]]) -> _HighlightCol
     return starts, ends, scores, labels
 
 
-def _check_id(job_id: Any) -> int:
+def check_id(job_id: Any) -> int:
     if isinstance(job_id, bool) or not isinstance(job_id, int):
         raise InvalidQuery(f"a job id is an int, got {job_id!r}")
     return job_id
@@ -472,15 +238,18 @@ class _Heartbeater:
 
     def __init__(self, jobs: VideoJobs) -> None:
         self._jobs = jobs
+        self._forget()
+        _heartbeaters.add(self)
+
+    def _forget(self) -> None:
+        """Start afresh: at creation, and in a forked child, where the parent's
+        thread does not run and its lock may have been copied held."""
         self._cond = threading.Condition(threading.Lock())
         self._held: Dict[JobHandle, None] = {}
         self._thread: Optional[threading.Thread] = None
-        self._pid = os.getpid()
 
     def add(self, handle: JobHandle) -> None:
         with self._cond:
-            if self._pid != os.getpid():  # forked: the parent's thread is not ours
-                self._pid, self._thread, self._held = os.getpid(), None, {}
             self._held[handle] = None
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -507,7 +276,7 @@ class _Heartbeater:
     def _beat(self, batch: List[JobHandle]) -> None:
         try:
             rows = self._jobs.db.execute(
-                _HEARTBEAT_MANY,
+                Q.HEARTBEAT_MANY,
                 {"ids": [h.id for h in batch], "workers": [h.worker_id for h in batch]},
             )
         except DatabaseError as exc:
@@ -526,6 +295,18 @@ class _Heartbeater:
                         handle.id,
                         handle.worker_id,
                     )
+
+
+_heartbeaters: weakref.WeakSet[_Heartbeater] = weakref.WeakSet()
+
+
+def _forget_heartbeats_in_child() -> None:
+    for heartbeater in list(_heartbeaters):
+        heartbeater._forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_heartbeats_in_child)
 
 
 # ------------------------------------------------------------------ the queue
@@ -549,7 +330,7 @@ class VideoJobs:
     HEARTBEAT_INTERVAL: float = 10.0
     #: How the idempotent writes are retried.
     RETRY: RetryPolicy = RetryPolicy(
-        max_attempts=5, delay=0.05, max_delay=1.0, retry_on=is_transient_or_unknown
+        max_attempts=5, delay=0.05, max_delay=1.0, retry_on=WRITE
     )
 
     def __init__(self, db: Database) -> None:
@@ -559,11 +340,9 @@ class VideoJobs:
     def __repr__(self) -> str:
         return f"<VideoJobs on {self.db!r}>"
 
-    def _idempotent(self, fn: Callable[[], T]) -> T:
-        # Inside a transaction the first error aborts it: a retry could only fail.
-        if self.db.current_transaction() is not None:
-            return fn()
-        return self.RETRY.call(fn)
+    def _write(self, query: str, params: Row) -> List[Row]:
+        """Run one of the queue's idempotent writes, retried by ``RETRY``."""
+        return self.db.execute(query, params, retry=self.RETRY)
 
     # ------------------------------------------------------------- enqueue
     def enqueue(
@@ -629,7 +408,7 @@ class VideoJobs:
                 delays.append(None)
             else:
                 at.append(None)
-                delays.append(_seconds(when, f"enqueue_many: item {i}: run_after"))
+                delays.append(seconds(when, f"enqueue_many: item {i}: run_after"))
         if not hashes:
             return []
         params = {
@@ -640,7 +419,7 @@ class VideoJobs:
             "delays": delays,
             "max_attempts": max_attempts,
         }
-        rows = self._idempotent(lambda: self.db.execute(_ENQUEUE, params))
+        rows = self._write(Q.ENQUEUE, params)
         ids: List[Optional[int]] = [r["id"] for r in rows]
         missing = [hashes[i] for i, job_id in enumerate(ids) if job_id is None]
         if missing:
@@ -670,26 +449,27 @@ class VideoJobs:
             raise InvalidQuery("claim: worker_id must be a non-empty string")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidQuery(f"claim: limit must be a positive int, got {limit!r}")
-        rows = self.db.execute(_CLAIM, {"limit": limit, "worker": worker_id})
+        rows = self.db.execute(Q.CLAIM, {"limit": limit, "worker": worker_id})
         # RETURNING comes in no particular order; give the caller the claim order.
         rows.sort(key=lambda r: (-r["priority"], r["created_at"], r["id"]))
         return rows
 
     # -------------------------------------------------- a held job's updates
     def _held_update(
-        self, action: str, job_id: int, worker_id: str, run: Callable[[], List[Row]]
+        self, action: str, job_id: int, worker_id: str, query: str, params: Row
     ) -> Optional[Row]:
         """Run a conditional update of a held job; None when a retry finds it done.
 
-        ``run`` returns the updated rows. No row: if the job is in the state this
-        action leaves it in and still names this worker (a retried call whose first
-        attempt landed, or a repeated call), it is done; otherwise ``JobLost``.
+        ``query`` returns the updated rows (for the completion, a row with
+        ``completed`` = 1). No row: if the job is in the state this action leaves it
+        in and still names this worker (a retried call whose first attempt landed,
+        or a repeated call), it is done; otherwise ``JobLost``.
         """
-        _check_id(job_id)
-        rows = self._idempotent(run)
-        if rows:
+        check_id(job_id)
+        rows = self._write(query, params)
+        if rows and rows[0].get("completed", 1):
             return rows[0]
-        state = self.db.execute(_JOB_STATE, {"id": job_id})
+        state = self.db.execute(Q.JOB_STATE, {"id": job_id})
         status = state[0]["status"] if state else None
         holder = state[0]["locked_by"] if state else None
         done_states = {
@@ -712,7 +492,8 @@ class VideoJobs:
             "heartbeat",
             job_id,
             worker_id,
-            lambda: self.db.execute(_HEARTBEAT, {"id": job_id, "worker": worker_id}),
+            Q.HEARTBEAT,
+            {"id": job_id, "worker": worker_id},
         )
 
     def complete(
@@ -746,7 +527,7 @@ class VideoJobs:
         highlights: Iterable[Mapping[str, Any]],
         timings: Sequence[Tuple[str, str, float]],
     ) -> None:
-        starts, ends, scores, labels = _highlight_columns(highlights)
+        starts, ends, scores, labels = highlight_columns(highlights)
         params = {
             "id": job_id,
             "worker": worker_id,
@@ -760,11 +541,7 @@ class VideoJobs:
             "durations": [t[2] for t in timings],
         }
 
-        def run() -> List[Row]:
-            rows = self.db.execute(_COMPLETE, params)
-            return rows if rows and rows[0]["completed"] else []
-
-        self._held_update("complete", job_id, worker_id, run)
+        self._held_update("complete", job_id, worker_id, Q.COMPLETE, params)
 
     def fail(self, job_id: int, worker_id: str, error: object) -> str:
         """Record a failed attempt of a held job; return its new status.
@@ -778,15 +555,13 @@ class VideoJobs:
         params = {
             "id": job_id,
             "worker": worker_id,
-            "error": _error_text(error),
+            "error": error_text(error),
             "base": float(self.BACKOFF_BASE),
             "max": float(self.BACKOFF_MAX),
         }
-        row = self._held_update(
-            "fail", job_id, worker_id, lambda: self.db.execute(_FAIL, params)
-        )
+        row = self._held_update("fail", job_id, worker_id, Q.FAIL, params)
         if row is None:  # a retry found it done: read what it became
-            state = self.db.execute(_JOB_STATE, {"id": job_id})
+            state = self.db.execute(Q.JOB_STATE, {"id": job_id})
             return str(state[0]["status"])
         status = str(row["status"])
         if status == "failed":
@@ -803,7 +578,8 @@ class VideoJobs:
             "release",
             job_id,
             worker_id,
-            lambda: self.db.execute(_RELEASE, {"id": job_id, "worker": worker_id}),
+            Q.RELEASE,
+            {"id": job_id, "worker": worker_id},
         )
 
     @contextlib.contextmanager
@@ -857,7 +633,7 @@ class VideoJobs:
     ) -> None:
         """Fail the job after ``exc``; never hide ``exc`` behind a new error."""
         try:
-            self.fail(handle.id, handle.worker_id, prefix + _error_text(exc))
+            self.fail(handle.id, handle.worker_id, prefix + error_text(exc))
         except JobLost as lost:
             logger.warning("%s", lost)
         except DatabaseError:
@@ -876,8 +652,8 @@ class VideoJobs:
         worker then raises ``JobLost``. Choose ``older_than`` well above
         ``HEARTBEAT_INTERVAL``.
         """
-        older = _seconds(older_than, "older_than")
-        rows = self._idempotent(lambda: self.db.execute(_RECLAIM, {"older": older}))
+        older = seconds(older_than, "older_than")
+        rows = self._write(Q.RECLAIM, {"older": older})
         if rows:
             logger.warning(
                 "reclaimed %d stale jobs (no heartbeat for %.0f s): %s",
@@ -893,26 +669,24 @@ class VideoJobs:
         ``attempts`` is reset to 0, so it gets ``max_attempts`` tries again; its last
         ``error`` stays until it completes.
         """
-        job_id = _check_id(job_id)
-        return bool(
-            self._idempotent(lambda: self.db.execute(_RETRY_FAILED, {"id": job_id}))
-        )
+        job_id = check_id(job_id)
+        return bool(self._write(Q.RETRY_FAILED, {"id": job_id}))
 
     def cancel(self, job_id: int) -> bool:
         """Cancel a queued or processing job; False if it had already finished.
 
         A worker holding it gets ``JobLost`` at its next heartbeat or completion.
         """
-        job_id = _check_id(job_id)
-        return bool(self._idempotent(lambda: self.db.execute(_CANCEL, {"id": job_id})))
+        job_id = check_id(job_id)
+        return bool(self._write(Q.CANCEL, {"id": job_id}))
 
     def purge(self, older_than: Duration) -> int:
         """Delete jobs finished more than ``older_than`` ago; return how many.
 
         Their highlights and metrics go with them (the foreign keys cascade).
         """
-        older = _seconds(older_than, "older_than")
-        rows = self._idempotent(lambda: self.db.execute(_PURGE, {"older": older}))
+        older = seconds(older_than, "older_than")
+        rows = self._write(Q.PURGE, {"older": older})
         return int(rows[0]["purged"])
 
     def stats(self, *, job_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
@@ -926,332 +700,4 @@ class VideoJobs:
         ``job_ids`` restricts it to those jobs. Scans the table.
         """
         ids = None if job_ids is None else [int(i) for i in job_ids]
-        return dict(self.db.execute(_STATS, {"ids": ids})[0])
-
-
-# ------------------------------------------------------------- highlights
-class Highlights:
-    """The ``highlight`` table: idempotent writes, reads by job and by score.
-
-    Thread-safe. A highlight is identified by its job and span (start, end): adding
-    one that exists adds nothing.
-    """
-
-    RETRY: RetryPolicy = VideoJobs.RETRY
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def add(self, job_id: int, highlights: Iterable[Mapping[str, Any]]) -> int:
-        """Add a job's highlights in one statement; return how many were new.
-
-        Each is a dict with ``start``, ``end`` (seconds; ``start_time``/``end_time``
-        also accepted), ``score`` and optional ``label``. Re-adding the same spans
-        adds nothing, so it is retried on transient errors and unknown outcomes.
-        Raises ``InvalidQuery`` for a malformed dict, ``CheckViolation`` for a span
-        the schema rejects, ``ForeignKeyViolation`` for an unknown job.
-        """
-        starts, ends, scores, labels = _highlight_columns(highlights)
-        if not starts:
-            return 0
-        params = {
-            "job_id": _check_id(job_id),
-            "starts": starts,
-            "ends": ends,
-            "scores": scores,
-            "labels": labels,
-        }
-
-        def run() -> int:
-            return len(self.db.execute(_ADD_HIGHLIGHTS, params))
-
-        if self.db.current_transaction() is not None:
-            return run()
-        return self.RETRY.call(run)
-
-    def for_job(self, job_id: int, min_score: Optional[float] = None) -> List[Row]:
-        """A job's highlights in time order, those scoring at least ``min_score``."""
-        return self.db.execute(
-            _HIGHLIGHTS_FOR_JOB,
-            {"job_id": _check_id(job_id), "min": min_score},
-        )
-
-    def top(self, n: int = 10) -> List[Row]:
-        """The ``n`` best-scoring highlights of all jobs."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise InvalidQuery(f"top: n must be an int >= 0, got {n!r}")
-        return self.db.execute(_TOP_HIGHLIGHTS, {"n": n})
-
-
-# ---------------------------------------------------------------- metrics
-class Metrics:
-    """The ``processing_metrics`` table: stage timings and their summary.
-
-    Thread-safe. Each record carries a UUID made before the first attempt, so a
-    retry after an unknown outcome cannot record it twice.
-    """
-
-    RETRY: RetryPolicy = VideoJobs.RETRY
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def record(
-        self,
-        job_id: Optional[int],
-        stage: str,
-        duration_ms: float,
-        *,
-        op_id: Optional[str] = None,
-    ) -> None:
-        """Record that ``stage`` of ``job_id`` took ``duration_ms`` milliseconds.
-
-        ``op_id`` (a UUID string) identifies the record; one is made if not given.
-        Retried on transient errors and unknown outcomes.
-        """
-        params = {
-            "op_id": op_id or str(uuid.uuid4()),
-            "job_id": None if job_id is None else _check_id(job_id),
-            "stage": str(stage),
-            "duration_ms": float(duration_ms),
-        }
-
-        def run() -> None:
-            self.db.execute(_RECORD_METRIC, params)
-
-        if self.db.current_transaction() is not None:
-            run()
-        else:
-            self.RETRY.call(run)
-
-    @contextlib.contextmanager
-    def timer(self, job_id: Optional[int], stage: str) -> Iterator[None]:
-        """Time the block and record it as ``stage`` of ``job_id``.
-
-        Recorded whether or not the block raises; if the block raised, a failure to
-        record is logged rather than raised over the block's exception.
-        """
-        t0 = perf_counter()
-        try:
-            yield
-        except BaseException:
-            try:
-                self.record(job_id, stage, (perf_counter() - t0) * 1000.0)
-            except DatabaseError:
-                logger.warning("could not record %s of job %s", stage, job_id)
-            raise
-        self.record(job_id, stage, (perf_counter() - t0) * 1000.0)
-
-    def summary(
-        self,
-        *,
-        job_ids: Optional[Sequence[int]] = None,
-        since: Optional[datetime.datetime] = None,
-    ) -> Dict[str, Dict[str, float]]:
-        """Per stage: count, mean_ms, p50_ms, p95_ms, max_ms, computed by the server.
-
-        ``job_ids`` and ``since`` (recorded at or after) restrict what is counted.
-        """
-        ids = None if job_ids is None else [int(i) for i in job_ids]
-        rows = self.db.execute(_METRICS_SUMMARY, {"ids": ids, "since": since})
-        return {
-            r["stage"]: {
-                k: r[k] for k in ("count", "mean_ms", "p50_ms", "p95_ms", "max_ms")
-            }
-            for r in rows
-        }
-
-
-# ----------------------------------------------------------------- worker
-class Worker:
-    """Threads that claim jobs, run ``handler`` on each, and record the outcome.
-
-    ``handler(job_row) -> result`` runs inside ``VideoJobs.processing()``: its result
-    (None, or a mapping with ``highlights``, ``output_path`` and ``metrics``) is
-    written with the completion, with the worker's own ``claim`` and ``handler``
-    stage timings; an exception fails the job (retried later with backoff). When
-    the queue is empty a thread waits, ``idle_min`` doubling up to ``idle_max``.
-
-    ``run()`` blocks until ``stop()`` (or the given event); ``start()``/``stop()``/
-    ``join()`` run it in the background. On stop, each thread finishes the job in
-    hand and claims no more. Thread ids are ``"{worker_id}-{n}"``. The threads are
-    daemons: a process that exits without stopping them leaves their jobs
-    ``processing`` until ``reclaim_stale`` (run every ``RECLAIM_INTERVAL`` when
-    ``reclaim_after`` is given) returns them.
-    """
-
-    IDLE_MIN: float = 0.05
-    IDLE_MAX: float = 2.0
-    RECLAIM_INTERVAL: float = 30.0
-
-    def __init__(
-        self,
-        db: Database,
-        handler: Handler,
-        *,
-        threads: int = 1,
-        worker_id: Optional[str] = None,
-        jobs: Optional[VideoJobs] = None,
-        record_metrics: bool = True,
-        idle_min: Optional[float] = None,
-        idle_max: Optional[float] = None,
-        reclaim_after: Optional[Duration] = None,
-    ) -> None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        self.db = db
-        self.handler = handler
-        self.threads = threads
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.jobs = jobs if jobs is not None else VideoJobs(db)
-        self.record_metrics = record_metrics
-        self.idle_min = self.IDLE_MIN if idle_min is None else idle_min
-        self.idle_max = self.IDLE_MAX if idle_max is None else idle_max
-        self.reclaim_after = (
-            None if reclaim_after is None else _seconds(reclaim_after, "reclaim_after")
-        )
-        self._stop = threading.Event()
-        self._threads: List[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._counts: Dict[str, int] = dict.fromkeys(
-            ("claimed", "completed", "failed", "lost", "errors"), 0
-        )
-
-    def __repr__(self) -> str:
-        return f"<Worker {self.worker_id!r} threads={self.threads}>"
-
-    # ----------------------------------------------------------- control
-    def start(self) -> None:
-        """Start the threads and return. Raises RuntimeError if already started."""
-        if self._threads:
-            raise RuntimeError(f"{self!r} was already started")
-        for n in range(1, self.threads + 1):
-            thread = threading.Thread(
-                target=self._loop,
-                args=(f"{self.worker_id}-{n}",),
-                name=f"pgaccess-worker-{n}",
-                daemon=True,
-            )
-            self._threads.append(thread)
-            thread.start()
-        logger.info("worker %s started with %d threads", self.worker_id, self.threads)
-
-    def stop(self) -> None:
-        """Ask the threads to stop after the job in hand; does not wait (see join)."""
-        self._stop.set()
-
-    def join(self, timeout: Optional[float] = None) -> bool:
-        """Wait for the threads to end; True if they all did within ``timeout``."""
-        deadline = None if timeout is None else perf_counter() + timeout
-        for thread in self._threads:
-            left = None if deadline is None else max(deadline - perf_counter(), 0.0)
-            thread.join(left)
-        return not self.alive
-
-    @property
-    def alive(self) -> bool:
-        """Whether any thread is still running."""
-        return any(t.is_alive() for t in self._threads)
-
-    @property
-    def stopping(self) -> bool:
-        """Whether ``stop()`` was called."""
-        return self._stop.is_set()
-
-    def run(self, stop_event: Optional[threading.Event] = None) -> None:
-        """Start, block until ``stop_event`` is set (or ``stop()``), then stop and join.
-
-        Wakes twice a second, so signal handlers of the main thread run promptly.
-        """
-        self.start()
-        next_reclaim = perf_counter()
-        try:
-            while not self._stop.is_set() and not (
-                stop_event is not None and stop_event.is_set()
-            ):
-                if self.reclaim_after is not None and perf_counter() >= next_reclaim:
-                    next_reclaim = perf_counter() + self.RECLAIM_INTERVAL
-                    try:
-                        self.jobs.reclaim_stale(self.reclaim_after)
-                    except DatabaseError as exc:
-                        logger.warning("reclaim_stale failed: %s", exc)
-                (stop_event or self._stop).wait(0.5)
-        except BaseException:
-            # KeyboardInterrupt (a second Ctrl-C): leave without waiting. The threads
-            # are daemons; the jobs they hold go back to the queue by reclaim_stale.
-            self.stop()
-            raise
-        self.stop()
-        self.join()
-        logger.info("worker %s stopped: %s", self.worker_id, self.stats())
-
-    def stats(self) -> Dict[str, int]:
-        """This worker's counts: claimed, completed, failed, lost, errors."""
-        with self._lock:
-            return dict(self._counts)
-
-    # ------------------------------------------------------------ threads
-    def _count(self, what: str) -> None:
-        with self._lock:
-            self._counts[what] += 1
-
-    def _loop(self, worker_id: str) -> None:
-        delay = self.idle_min
-        while not self._stop.is_set():
-            if self._one(worker_id):
-                delay = self.idle_min
-                continue
-            # Nothing due, or the database is unwell: wait longer each time.
-            self._stop.wait(delay)
-            delay = min(delay * 2, self.idle_max)
-
-    def _one(self, worker_id: str) -> bool:
-        """Process one job; False when there was none or the database failed."""
-        phase = "claim"
-        t0 = perf_counter()
-        try:
-            with self.jobs.processing(worker_id) as job:
-                if job is None:
-                    return False
-                self._count("claimed")
-                phase = "handler"
-                t1 = perf_counter()
-                result = self.handler(dict(job.row))
-                if self.record_metrics:
-                    job.record("claim", (t1 - t0) * 1000.0)
-                    job.record("handler", (perf_counter() - t1) * 1000.0)
-                _apply_result(job, result)
-            self._count("completed")
-            return True
-        except JobLost as exc:
-            self._count("lost")
-            logger.warning("%s", exc)
-            return True
-        except Exception as exc:
-            if phase == "claim":
-                self._count("errors")
-                logger.warning("%s could not claim a job: %s", worker_id, exc)
-                return False
-            # processing() has failed the job (or left it to reclaim_stale).
-            self._count("failed")
-            logger.warning("%s: a job failed: %s", worker_id, _error_text(exc))
-            return not isinstance(exc, OperationalError)
-
-
-def _apply_result(job: JobHandle, result: Any) -> None:
-    """Put a handler's result on the handle, to be written with the completion."""
-    if result is None:
-        return
-    if not isinstance(result, Mapping):
-        raise TypeError(
-            "a handler returns None or a dict with highlights, output_path and "
-            f"metrics, not {type(result).__name__}"
-        )
-    unknown = set(result) - {"highlights", "output_path", "metrics"}
-    if unknown:
-        raise TypeError(f"a handler's result has unknown keys: {sorted(unknown)}")
-    job.add_highlights(result.get("highlights") or ())
-    if result.get("output_path") is not None:
-        job.output_path = str(result["output_path"])
-    for stage, ms in (result.get("metrics") or {}).items():
-        job.record(str(stage), float(ms))
+        return dict(self.db.execute(Q.STATS, {"ids": ids})[0])

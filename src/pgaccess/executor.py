@@ -1,0 +1,443 @@
+"""Run one statement: the autocommit, transaction and retrying executors.
+
+Layers that call only downward, as httpx's ``Client.send`` -> ``_send_single_request``:
+
+- :func:`execute` does what every statement needs, once: time it, run it, fetch the
+  result, record it, translate a psycopg2 error by SQLSTATE.
+- :class:`Autocommit` borrows a connection, runs one statement with ``execute`` and
+  gives the connection back: one round trip, no BEGIN/COMMIT. When the calling thread
+  has a transaction open on the same pool, the statement joins it instead.
+- :class:`TransactionExecutor` runs statements on the connection a transaction holds;
+  BEGIN travels in front of the first one.
+- :class:`Retrying` wraps either: it makes the first attempt through the executor it
+  wraps and, on failure, lets the call's :class:`~pgaccess.RetryPolicy` decide about
+  the next. Never inside a transaction (its first error aborted it).
+
+The facade (``facade.py``) builds the statements and hands them to one of these.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from time import perf_counter
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from . import sql as q
+from .errors import DatabaseError, InvalidQuery, TransactionError, translate
+from .pool import ConnectionPool, PooledConnection
+from .retry import RetryPolicy
+from .stats import Recorder
+
+__all__ = [
+    "Autocommit",
+    "Retrying",
+    "TransactionExecutor",
+    "execute",
+    "joined",
+]
+
+logger = logging.getLogger("pgaccess.executor")
+
+T = TypeVar("T")
+Row = Dict[str, Any]
+Params = Union[None, Sequence[Any], Dict[str, Any]]
+
+_STATUS_IDLE = ext.TRANSACTION_STATUS_IDLE
+_STATUS_INERROR = ext.TRANSACTION_STATUS_INERROR
+
+
+# ------------------------------------------------------------------ results
+def _names(cur: Any) -> List[str]:
+    # d.name, not d[0]: psycopg2's Column.__getitem__ costs six times the attribute,
+    # which on a 16-column row was most of the facade's overhead per call.
+    return [d.name for d in cur.description]
+
+
+def fetch_one(cur: Any) -> Optional[Row]:
+    row = cur.fetchone()
+    return None if row is None else dict(zip(_names(cur), row))
+
+
+def fetch_rows(cur: Any) -> List[Row]:
+    if cur.description is None:
+        return []
+    names = _names(cur)
+    return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def fetch_scalar(cur: Any) -> Any:
+    row = cur.fetchone()
+    return None if row is None else row[0]
+
+
+def fetch_rowcount(cur: Any) -> int:
+    return int(cur.rowcount)
+
+
+#: What a statement returns: the first row, every row, the first value, the count.
+ONE, ROWS, SCALAR, ROWCOUNT = range(4)
+FETCH: Tuple[Callable[[Any], Any], ...] = (
+    fetch_one,
+    fetch_rows,
+    fetch_scalar,
+    fetch_rowcount,
+)
+
+
+# -------------------------------------------------------------- one statement
+def execute(
+    conn: PooledConnection,
+    cur: Any,
+    text: str,
+    params: Params,
+    fetch: Callable[[Any], T],
+    record: Recorder,
+    *,
+    write: bool,
+    sent: Optional[str] = None,
+) -> T:
+    """Run ``text`` (or ``sent``, which carries it) on ``cur`` and ``fetch`` the result.
+
+    Times the statement and hands it to ``record``; a psycopg2 error is translated to
+    its pgaccess error by SQLSTATE (``write``: a lost connection means the outcome is
+    unknown). Parameters that do not fit the placeholders raise ``InvalidQuery``:
+    psycopg2 finds that out before anything is sent.
+    """
+    t0 = perf_counter()
+    try:
+        cur.execute(sent or text, params)
+        result = fetch(cur)
+    except (psycopg2.Error, ValueError) as exc:
+        record(text, perf_counter() - t0, True)
+        raise translate(exc, text, connection=conn, write_in_flight=write) from exc
+    except (IndexError, KeyError, TypeError) as exc:
+        if params is None:
+            raise
+        raise InvalidQuery(q.params_mismatch(text, params)) from exc
+    record(text, perf_counter() - t0, False)
+    return result
+
+
+def call(
+    conn: PooledConnection,
+    cur: Any,
+    fn: Callable[[Any], T],
+    label: str,
+    record: Recorder,
+    *,
+    write: bool,
+) -> T:
+    """Run ``fn(cur)`` (several statements, COPY ...) as :func:`execute` runs one."""
+    t0 = perf_counter()
+    try:
+        result = fn(cur)
+    except (psycopg2.Error, ValueError) as exc:
+        record(label, perf_counter() - t0, True)
+        raise translate(exc, label, connection=conn, write_in_flight=write) from exc
+    record(label, perf_counter() - t0, False)
+    return result
+
+
+def first_words(st: q.Statement, n: int = 4) -> List[str]:
+    """The first words of a statement, to name it in a log line."""
+    return (st.text or repr(st.composed)).split()[:n]
+
+
+# ----------------------------------------------- the thread's open transactions
+# {pool: TransactionExecutor} of the transactions open on this thread.
+_local = threading.local()
+
+
+def joined(pool: ConnectionPool) -> Optional[TransactionExecutor]:
+    """The executor of the transaction this thread has open on ``pool``, if any."""
+    txs: Optional[Dict[ConnectionPool, TransactionExecutor]] = _local.__dict__.get(
+        "txs"
+    )
+    return txs.get(pool) if txs else None
+
+
+# ----------------------------------------------------------------- executors
+class Autocommit:
+    """Borrow a connection, run one statement, give it back; join an open transaction.
+
+    ``pool`` None means the default pool, found on first use (``default``).
+    """
+
+    __slots__ = ("_default", "_pool", "record")
+
+    def __init__(
+        self,
+        pool: Optional[ConnectionPool],
+        record: Recorder,
+        default: Callable[[], ConnectionPool],
+    ) -> None:
+        self._pool = pool
+        self._default = default
+        self.record = record
+
+    @property
+    def pool(self) -> ConnectionPool:
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = self._default()
+        return pool
+
+    def transaction(self) -> Optional[TransactionExecutor]:
+        """The transaction this thread has open on the pool, which calls join."""
+        return joined(self._pool or self.pool)
+
+    def run(self, st: q.Statement, params: Params, mode: int, write: bool) -> Any:
+        """Run one cached statement; return what ``mode`` fetches. The hot path."""
+        pool = self._pool or self.pool
+        txs = _local.__dict__.get("txs")  # joined(), inlined: the hot path
+        if txs:
+            tx = txs.get(pool)
+            if tx is not None:
+                return tx.run(st, params, mode, write)
+        conn = pool.acquire()
+        try:
+            cur = conn.cursor_cache
+            if cur is None or cur.closed:
+                cur = conn.cursor_cache = conn.cursor()
+            return execute(
+                conn,
+                cur,
+                st.text or st.render(cur),
+                params,
+                FETCH[mode],
+                self.record,
+                write=write,
+            )
+        finally:
+            pool.release(conn)
+
+    def call(
+        self, fn: Callable[[Any], T], label: str, write: bool, *, atomic: bool = False
+    ) -> T:
+        """Run ``fn(cursor)``; ``atomic``: in a transaction of its own (or the open
+        one), committed when ``fn`` returns."""
+        pool = self.pool
+        tx = joined(pool)
+        if tx is not None:
+            return tx.call(fn, label, write)
+        conn = pool.acquire()
+        try:
+            if atomic:
+                tx = TransactionExecutor(pool, conn, "BEGIN", self.record)
+                with tx:
+                    return tx.call(fn, label, write)
+            with conn.cursor() as cur:
+                return call(conn, cur, fn, label, self.record, write=write)
+        finally:
+            pool.release(conn)
+
+
+class TransactionExecutor:
+    """Statements on the connection a transaction holds; BEGIN goes with the first.
+
+    Not thread-safe: the transaction's thread uses it. ``with tx:`` commits on a
+    clean exit and rolls back on an exception; the caller returns the connection.
+    """
+
+    __slots__ = ("_cur", "_pending_begin", "conn", "facade", "pool", "record", "status")
+
+    ACTIVE, COMMITTED, ROLLED_BACK = "active", "committed", "rolled back"
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        conn: PooledConnection,
+        begin: str,
+        record: Recorder,
+    ) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.record = record
+        self._cur = conn.cursor()
+        self._pending_begin: Optional[str] = begin
+        self.status = self.ACTIVE
+        #: The facade this executor serves (``db.current_transaction()`` returns it).
+        self.facade: Any = None
+
+    def transaction(self) -> TransactionExecutor:
+        return self
+
+    def check(self) -> None:
+        """Raise ``TransactionError`` unless the transaction is still open."""
+        if self.status is not self.ACTIVE:
+            raise TransactionError(f"the transaction is {self.status}; open a new one")
+
+    @property
+    def dead(self) -> bool:
+        """Whether the connection is gone."""
+        return bool(self.conn.closed)
+
+    def enter(self) -> None:
+        """Become the transaction this thread's calls on the pool join."""
+        _local.__dict__.setdefault("txs", {})[self.pool] = self
+
+    def leave(self) -> None:
+        """Stop being the transaction this thread's calls join."""
+        txs = _local.__dict__.get("txs")
+        if txs and txs.get(self.pool) is self:
+            del txs[self.pool]
+
+    def begin_now(self) -> None:
+        """Send a pending BEGIN now (before handing out the raw connection)."""
+        begin = self._pending_begin
+        if begin is not None:
+            self._pending_begin = None
+            self.command(begin)
+
+    def command(self, text: str) -> None:
+        """Run a control statement (BEGIN, SAVEPOINT ...): not counted in statistics,
+        whose shapes would fill up with savepoint names."""
+        self.check()
+        self.begin_now()
+        try:
+            self._cur.execute(text)
+        except (psycopg2.Error, ValueError) as exc:
+            raise translate(exc, text, connection=self.conn) from exc
+
+    def run(self, st: q.Statement, params: Params, mode: int, write: bool) -> Any:
+        if self.status is not self.ACTIVE:
+            self.check()
+        cur = self._cur
+        text = st.text or st.render(cur)
+        begin = self._pending_begin
+        if begin is None:
+            return execute(self.conn, cur, text, params, FETCH[mode], self.record,
+                           write=False)  # fmt: skip
+        # One round trip for BEGIN and the first statement (simple query protocol).
+        self._pending_begin = None
+        try:
+            return execute(self.conn, cur, text, params, FETCH[mode], self.record,
+                           write=False, sent=f"{begin}; {text}")  # fmt: skip
+        except BaseException:
+            if self.conn.get_transaction_status() == _STATUS_IDLE:
+                # BEGIN did not run either: a parse error fails the whole "BEGIN; ..."
+                # string, a value psycopg2 cannot adapt fails before sending. Keep
+                # BEGIN pending, or the block's next statements would autocommit.
+                self._pending_begin = begin
+            raise
+
+    def call(self, fn: Callable[[Any], T], label: str, write: bool) -> T:
+        self.check()
+        self.begin_now()
+        return call(self.conn, self._cur, fn, label, self.record, write=False)
+
+    # ------------------------------------------------------------ the end
+    def __enter__(self) -> TransactionExecutor:
+        return self
+
+    def __exit__(self, exc_type: Optional[type], *_: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    def commit(self) -> None:
+        """COMMIT; a lost connection meanwhile raises ``CommitOutcomeUnknown``."""
+        if self._pending_begin is not None:  # nothing was run: nothing to commit
+            self._pending_begin = None
+            self.status = self.COMMITTED
+            return
+        if self.conn.get_transaction_status() == _STATUS_INERROR:
+            # COMMIT of a failed transaction silently rolls back; say so instead.
+            self.rollback()
+            raise TransactionError(
+                "a statement in the transaction failed (and the error was caught "
+                "inside the block), so the transaction was rolled back, not committed"
+            )
+        try:
+            self._cur.execute("COMMIT")
+        except (psycopg2.Error, ValueError) as exc:
+            self.status = self.ROLLED_BACK
+            err = translate(exc, "COMMIT", connection=self.conn, write_in_flight=True)
+            raise err from exc
+        self.status = self.COMMITTED
+
+    def rollback(self) -> None:
+        """ROLLBACK; a failure is logged, never raised over the error that caused it."""
+        self.status = self.ROLLED_BACK
+        if self._pending_begin is not None or self.conn.closed:
+            self._pending_begin = None
+            return
+        try:
+            self._cur.execute("ROLLBACK")
+        except psycopg2.Error:
+            # The pool discards the connection if it is broken.
+            logger.warning("ROLLBACK failed", exc_info=True)
+
+
+class Retrying:
+    """An executor that retries a failed statement by the policy the call gives.
+
+    The first attempt goes straight through (tenacity stays off the success path);
+    after a failure, ``retry`` decides, and ``again(first_error)`` (default: the
+    same statement) runs each next attempt. Inside a transaction nothing is retried.
+    """
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Union[Autocommit, TransactionExecutor]) -> None:
+        self.inner = inner
+
+    @property
+    def pool(self) -> ConnectionPool:
+        return self.inner.pool
+
+    def transaction(self) -> Optional[TransactionExecutor]:
+        return self.inner.transaction()
+
+    def run(
+        self,
+        st: q.Statement,
+        params: Params,
+        mode: int,
+        write: bool,
+        retry: Optional[RetryPolicy] = None,
+        again: Optional[Callable[[BaseException], Any]] = None,
+    ) -> Any:
+        try:
+            return self.inner.run(st, params, mode, write)
+        except DatabaseError as exc:
+            if (
+                retry is None
+                or not retry.retries(exc)
+                or self.inner.transaction() is not None
+            ):
+                raise
+            first = exc
+
+        def attempt() -> Any:
+            if again is not None:
+                return again(first)
+            return self.inner.run(st, params, mode, write)
+
+        # The retry log names what is retried: the facade method, or the statement.
+        attempt.__qualname__ = (
+            again.__qualname__ if again is not None else " ".join(first_words(st))
+        )
+        return retry.call_after_failure(first, attempt)
+
+    def call(
+        self, fn: Callable[[Any], T], label: str, write: bool, *, atomic: bool = False
+    ) -> T:
+        if isinstance(self.inner, TransactionExecutor):
+            return self.inner.call(fn, label, write)
+        return self.inner.call(fn, label, write, atomic=atomic)

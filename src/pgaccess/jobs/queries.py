@@ -1,0 +1,232 @@
+"""The SQL of the job queue and the pipeline's writers, in one place.
+
+Each statement is one round trip and does its whole job atomically. The conflict
+targets come from the write policies (``policies.py``), which mirror the unique
+constraints of ``sql/schema.sql``: the queue, the retry policy and the schema name
+each key once.
+"""
+
+from __future__ import annotations
+
+from ..policies import HIGHLIGHT, PROCESSING_METRICS, VIDEO_JOB, conflict_target
+
+_JOB_KEY = conflict_target(VIDEO_JOB)
+_HIGHLIGHT_KEY = conflict_target(HIGHLIGHT)
+_METRIC_KEY = conflict_target(PROCESSING_METRICS)
+
+ENQUEUE = f"""
+WITH input AS (
+    SELECT * FROM unnest(
+        %(hashes)s::text[], %(paths)s::text[], %(priorities)s::int[],
+        %(at)s::timestamptz[], %(delays)s::float8[], %(max_attempts)s::int[]
+    ) WITH ORDINALITY AS t(src_hash, input_path, priority, at, delay, max_attempts, ord)
+), ins AS (
+    INSERT INTO video_job (src_hash, input_path, priority, run_after, max_attempts)
+    SELECT src_hash, input_path, priority,
+           COALESCE(at, now() + make_interval(secs => delay), now()), max_attempts
+    FROM input
+    ORDER BY ord
+    ON CONFLICT ({_JOB_KEY}) DO NOTHING
+    RETURNING id, src_hash
+)
+SELECT input.ord, COALESCE(ins.id, v.id) AS id
+FROM input
+LEFT JOIN ins ON ins.src_hash = input.src_hash
+LEFT JOIN video_job AS v ON v.src_hash = input.src_hash
+ORDER BY input.ord
+"""
+
+# MATERIALIZED: the locking SELECT runs once, on its own, and feeds the UPDATE; inlined,
+# the planner could evaluate it in a way that locks rows it then does not update.
+# SKIP LOCKED: concurrent claimers pass over each other's rows instead of queueing.
+# The order is that of video_job_queued_idx (priority DESC, created_at, id).
+CLAIM = """
+WITH picked AS MATERIALIZED (
+    SELECT id FROM video_job
+    WHERE status = 'queued' AND run_after <= now() AND attempts < max_attempts
+    ORDER BY priority DESC, created_at, id
+    LIMIT %(limit)s
+    FOR NO KEY UPDATE SKIP LOCKED
+)
+UPDATE video_job AS v
+SET status = 'processing', locked_by = %(worker)s, locked_at = now(),
+    heartbeat_at = now(), attempts = v.attempts + 1
+FROM picked
+WHERE v.id = picked.id
+RETURNING v.*
+"""
+
+HEARTBEAT = """
+UPDATE video_job SET heartbeat_at = now()
+WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
+RETURNING id
+"""
+
+HEARTBEAT_MANY = """
+UPDATE video_job AS v SET heartbeat_at = now()
+FROM unnest(%(ids)s::bigint[], %(workers)s::text[]) AS h(id, worker)
+WHERE v.id = h.id AND v.status = 'processing' AND v.locked_by = h.worker
+RETURNING v.id
+"""
+
+# One statement, so one transaction: the job is completed together with its highlights
+# and metrics, or not at all. The inserts read ``done``, so they write nothing when the
+# job is no longer held (or a retry finds it already completed).
+COMPLETE = f"""
+WITH done AS (
+    UPDATE video_job
+    SET status = 'completed', output_path = %(output_path)s, error = NULL,
+        finished_at = now(), heartbeat_at = now()
+    WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
+    RETURNING id
+), hl AS (
+    INSERT INTO highlight (job_id, start_time, end_time, score, label)
+    SELECT done.id, h.start_time, h.end_time, h.score, h.label
+    FROM done, unnest(
+        %(starts)s::float8[], %(ends)s::float8[], %(scores)s::float8[],
+        %(labels)s::text[]
+    ) AS h(start_time, end_time, score, label)
+    ON CONFLICT ({_HIGHLIGHT_KEY}) DO NOTHING
+    RETURNING 1
+), m AS (
+    INSERT INTO processing_metrics (op_id, job_id, stage, duration_ms)
+    SELECT m.op_id, done.id, m.stage, m.duration_ms
+    FROM done, unnest(%(op_ids)s::uuid[], %(stages)s::text[], %(durations)s::float8[])
+        AS m(op_id, stage, duration_ms)
+    ON CONFLICT ({_METRIC_KEY}) DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM done) AS completed,
+       (SELECT count(*) FROM hl) AS highlights,
+       (SELECT count(*) FROM m) AS metrics
+"""
+
+# attempts was counted at claim time: after the first failure the wait is BACKOFF_BASE,
+# then doubles, capped at BACKOFF_MAX.
+FAIL = """
+UPDATE video_job
+SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
+    error = %(error)s,
+    run_after = CASE WHEN attempts < max_attempts
+        THEN now() + make_interval(
+            secs => least(%(max)s::float8, %(base)s::float8 * power(2, attempts - 1)))
+        ELSE run_after END,
+    finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END
+WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
+RETURNING status
+"""
+
+RELEASE = """
+UPDATE video_job
+SET status = 'queued', attempts = greatest(attempts - 1, 0), run_after = now()
+WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
+RETURNING id
+"""
+
+RECLAIM = """
+UPDATE video_job
+SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
+    error = format('reclaimed: no heartbeat from %%s since %%s', locked_by,
+                   heartbeat_at),
+    locked_by = NULL,
+    run_after = now(),
+    finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END
+WHERE status = 'processing'
+  AND heartbeat_at < now() - make_interval(secs => %(older)s::float8)
+RETURNING id, status
+"""
+
+RETRY_FAILED = """
+UPDATE video_job
+SET status = 'queued', attempts = 0, run_after = now(), finished_at = NULL,
+    locked_by = NULL
+WHERE id = %(id)s AND status = 'failed'
+RETURNING id
+"""
+
+CANCEL = """
+UPDATE video_job SET status = 'cancelled', finished_at = now()
+WHERE id = %(id)s AND status IN ('queued', 'processing')
+RETURNING id
+"""
+
+PURGE = """
+WITH gone AS (
+    DELETE FROM video_job
+    WHERE status IN ('completed', 'failed', 'cancelled')
+      AND finished_at < now() - make_interval(secs => %(older)s::float8)
+    RETURNING 1
+)
+SELECT count(*) AS purged FROM gone
+"""
+
+JOB_STATE = "SELECT status, locked_by FROM video_job WHERE id = %(id)s"
+
+STATS = """
+SELECT
+    count(*) FILTER (WHERE status = 'queued') AS queued,
+    count(*) FILTER (WHERE status = 'processing') AS processing,
+    count(*) FILTER (WHERE status = 'completed') AS completed,
+    count(*) FILTER (WHERE status = 'failed') AS failed,
+    count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+    count(*) AS total,
+    count(*) FILTER (WHERE attempts > 1) AS retried,
+    extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'queued'))::float8
+        AS oldest_queued_s,
+    (count(*) FILTER (WHERE finished_at > now() - interval '5 minutes'))::float8 / 5
+        AS finished_per_minute,
+    (count(*) FILTER (WHERE status = 'completed'))::float8
+        / NULLIF(count(*) FILTER (WHERE status IN ('completed', 'failed')), 0)
+        AS success_rate,
+    avg(extract(epoch FROM finished_at - locked_at)::float8)
+        FILTER (WHERE status = 'completed') AS mean_processing_s,
+    percentile_cont(0.95) WITHIN GROUP (
+        ORDER BY extract(epoch FROM finished_at - locked_at)::float8)
+        FILTER (WHERE status = 'completed') AS p95_processing_s
+FROM video_job
+WHERE %(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[])
+"""
+
+ADD_HIGHLIGHTS = f"""
+INSERT INTO highlight (job_id, start_time, end_time, score, label)
+SELECT %(job_id)s, h.start_time, h.end_time, h.score, h.label
+FROM unnest(
+    %(starts)s::float8[], %(ends)s::float8[], %(scores)s::float8[], %(labels)s::text[]
+) AS h(start_time, end_time, score, label)
+ON CONFLICT ({_HIGHLIGHT_KEY}) DO NOTHING
+RETURNING id
+"""
+
+HIGHLIGHTS_FOR_JOB = """
+SELECT id, job_id, start_time, end_time, score, label, created_at
+FROM highlight
+WHERE job_id = %(job_id)s AND (%(min)s::float8 IS NULL OR score >= %(min)s::float8)
+ORDER BY start_time, end_time
+"""
+
+TOP_HIGHLIGHTS = """
+SELECT id, job_id, start_time, end_time, score, label, created_at
+FROM highlight
+ORDER BY score DESC, id
+LIMIT %(n)s
+"""
+
+RECORD_METRIC = f"""
+INSERT INTO processing_metrics (op_id, job_id, stage, duration_ms)
+VALUES (%(op_id)s::uuid, %(job_id)s, %(stage)s, %(duration_ms)s)
+ON CONFLICT ({_METRIC_KEY}) DO NOTHING
+"""
+
+METRICS_SUMMARY = """
+SELECT stage,
+       count(*) AS count,
+       avg(duration_ms) AS mean_ms,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50_ms,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms,
+       max(duration_ms) AS max_ms
+FROM processing_metrics
+WHERE (%(ids)s::bigint[] IS NULL OR job_id = ANY(%(ids)s::bigint[]))
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+GROUP BY stage
+ORDER BY stage
+"""
