@@ -331,12 +331,20 @@ def test_policy_waits_are_capped() -> None:
 
 
 def test_policy_jitter_stays_within_one_delay() -> None:
-    waits: List[float] = []
-    policy = RetryPolicy(max_attempts=5, delay=0.05, max_delay=2.0, sleep=waits.append)
-    policy.call(failing(4, not_ready))
-    for wait, base in zip(waits, [0.05, 0.1, 0.2, 0.4]):
-        assert base <= wait <= base + 0.05
-    assert len(waits) == 4
+    jitters: List[float] = []
+    for _ in range(20):
+        waits: List[float] = []
+        policy = RetryPolicy(
+            max_attempts=5, delay=0.05, max_delay=2.0, sleep=waits.append
+        )
+        policy.call(failing(4, not_ready))
+        assert len(waits) == 4
+        for wait, base in zip(waits, [0.05, 0.1, 0.2, 0.4]):
+            assert base <= wait <= base + 0.05
+            jitters.append(wait - base)
+    # There is jitter: threads that failed together spread out. 80 draws from
+    # [0, 0.05] all within 1 ms of each other would mean there is none.
+    assert max(jitters) - min(jitters) > 0.001
 
 
 def test_retry_after_a_failure_outside_continues_the_backoff() -> None:
