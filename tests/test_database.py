@@ -1278,7 +1278,6 @@ def test_one_database_shared_by_16_threads(db: Database, raw: Raw) -> None:
 
 
 # ------------------------------------------------- nothing doubled by a retry
-@pytest.mark.faults
 def test_execute_write_whose_reply_is_lost_is_not_retried(
     proxy_db: Database, fault_proxy: Any, raw: Raw, db: Database
 ) -> None:
@@ -1293,7 +1292,6 @@ def test_execute_write_whose_reply_is_lost_is_not_retried(
     assert raw.one("SELECT count(*) FROM video_job WHERE src_hash LIKE 'ins-%%'") == 1
 
 
-@pytest.mark.faults
 def test_execute_data_modifying_with_is_not_retried_as_a_read(
     proxy_db: Database, fault_proxy: Any, raw: Raw, db: Database
 ) -> None:
@@ -1309,7 +1307,6 @@ def test_execute_data_modifying_with_is_not_retried_as_a_read(
     assert raw.one("SELECT count(*) FROM video_job WHERE src_hash LIKE 'cte-%%'") == 1
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize(
     ("column", "value"),
     [

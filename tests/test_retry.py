@@ -694,7 +694,6 @@ def test_run_in_transaction_does_not_retry_a_permanent_error(db: Database) -> No
     assert db.count("video_job", {"src_hash": "first"}) == 0  # rolled back
 
 
-@pytest.mark.faults
 def test_run_in_transaction_does_not_retry_an_unknown_commit(
     db: Database,
     proxy_db: Database,
@@ -718,7 +717,6 @@ def test_run_in_transaction_does_not_retry_an_unknown_commit(
 
 
 # ------------------------------------------- the facade under real faults
-@pytest.mark.faults
 def test_reads_survive_connection_resets(
     db: Database, proxy_db: Database, fault_proxy: FaultProxy
 ) -> None:
@@ -788,7 +786,6 @@ def pipeline_row(table: str, job_id: int) -> Dict[str, Any]:
     }[table]
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("table", sorted(PIPELINE))
 def test_insert_whose_reply_is_lost_lands_exactly_once(
     db: Database, proxy_db: Database, fault_proxy: FaultProxy, table: str
@@ -812,7 +809,6 @@ def test_insert_whose_reply_is_lost_lands_exactly_once(
         assert uuid.UUID(rows[0]["op_id"])
 
 
-@pytest.mark.faults
 def test_plain_insert_whose_reply_is_lost_is_an_unknown_outcome(
     db: Database,
     proxy_db: Database,
@@ -832,7 +828,6 @@ def test_plain_insert_whose_reply_is_lost_is_an_unknown_outcome(
     assert db.find_many(table) == [{"id": 1, "v": 7}]  # ... and it did land
 
 
-@pytest.mark.faults
 def test_genuine_duplicate_still_raises_unique_violation(
     db: Database, proxy_db: Database, fault_proxy: FaultProxy
 ) -> None:
@@ -849,7 +844,6 @@ def test_genuine_duplicate_still_raises_unique_violation(
     assert [(r["id"], r["input_path"]) for r in rows] == [(first, "/v/a")]
 
 
-@pytest.mark.faults
 def test_lost_reply_insert_with_values_the_server_converts(
     db: Database, proxy_db: Database, fault_proxy: FaultProxy
 ) -> None:
@@ -913,7 +907,6 @@ def test_idempotent_reinsert_racing_a_concurrent_insert_returns_the_row(
     assert row["input_path"] == "/v/o"
 
 
-@pytest.mark.faults
 def test_insert_whose_reply_is_lost_twice_still_lands_once(
     db: Database, proxy_db: Database, fault_proxy: FaultProxy
 ) -> None:
@@ -928,7 +921,6 @@ def test_insert_whose_reply_is_lost_twice_still_lands_once(
     assert [r["id"] for r in rows] == [job_id]
 
 
-@pytest.mark.faults
 def test_update_whose_reply_is_lost_is_rerun(
     db: Database, proxy_db: Database, fault_proxy: FaultProxy
 ) -> None:
@@ -942,7 +934,6 @@ def test_update_whose_reply_is_lost_is_rerun(
     assert db.find_one("video_job", {"id": job_id})["output_path"] == "/out/upd"  # type: ignore[index]
 
 
-@pytest.mark.faults
 def test_conditional_update_whose_reply_is_lost_reports_its_own_change(
     db: Database, proxy_db: Database, fault_proxy: FaultProxy
 ) -> None:
@@ -966,7 +957,6 @@ def test_conditional_update_whose_reply_is_lost_reports_its_own_change(
     assert changed != 0, "the caller was told it did not claim a job it claimed"
 
 
-@pytest.mark.faults
 def test_delete_whose_reply_is_lost_reports_its_own_delete(
     db: Database, proxy_db: Database, fault_proxy: FaultProxy
 ) -> None:
@@ -981,7 +971,6 @@ def test_delete_whose_reply_is_lost_reports_its_own_delete(
     assert deleted != 0, "the caller was told nothing was deleted; its call deleted it"
 
 
-@pytest.mark.faults
 def test_update_whose_where_pins_no_unique_key_is_not_rerun(
     db: Database, proxy_db: Database, fault_proxy: FaultProxy
 ) -> None:

@@ -659,7 +659,6 @@ def test_empty_transaction_sends_nothing(small_pool: ConnectionPool, raw: Raw) -
 
 
 # ------------------------------------------------------------- lost COMMIT reply
-@pytest.mark.faults
 def test_commit_whose_reply_is_lost_is_outcome_unknown(
     proxy_db: Database, fault_proxy: Any, raw: Raw, db: Database
 ) -> None:
@@ -673,7 +672,6 @@ def test_commit_whose_reply_is_lost_is_outcome_unknown(
     assert proxy_db.count("video_job") == 1  # the pool serves again
 
 
-@pytest.mark.faults
 def test_run_in_transaction_does_not_rerun_after_a_lost_commit(
     proxy_db: Database, fault_proxy: Any, raw: Raw, db: Database
 ) -> None:
