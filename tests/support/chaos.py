@@ -1,4 +1,4 @@
-"""Worker processes for the queue chaos tests (``tests/test_queue_chaos.py``).
+"""Worker processes for the queue chaos tests (``tests/scenarios/test_queue_chaos.py``).
 
 They run in processes made by a ``forkserver`` context that preloads pgaccess, so
 starting one is a fork of a small, single-threaded server (about 10 ms), not a fresh
