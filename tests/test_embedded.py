@@ -147,13 +147,14 @@ def test_socket_only_unless_tcp_is_asked_for() -> None:
 
 
 def run_as_nobody(args: List[str], **env: str) -> subprocess.CompletedProcess[str]:
+    assignments = [f"{k}={v}" for k, v in env.items()]
     return subprocess.run(
-        ["runuser", "-u", "nobody", "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *args],
+        ["runuser", "-u", "nobody", "--", "env", "-i", *assignments, *args],
         capture_output=True,
         text=True,
         timeout=60,
         cwd="/",
-    )  # fmt: skip
+    )
 
 
 @needs_root
