@@ -289,6 +289,8 @@ class EmbeddedServer:
         #: True after ``start()`` started the server, False when it reused one.
         self.started_here = False
         self._user = _server_user()
+        if self._user is not None:
+            _ensure_system_user(self._user)  # its uid names the socket folder
         self._uid = pwd.getpwnam(self._user).pw_uid if self._user else os.getuid()
         digest = hashlib.sha256(str(self.datadir).encode()).hexdigest()[:12]
         # A short path of its own (Unix socket paths are limited to ~107 bytes), named
@@ -488,7 +490,6 @@ class EmbeddedServer:
         if self._user is None:
             parent.mkdir(parents=True, exist_ok=True)
             return
-        _ensure_system_user(self._user)
         missing: List[Path] = []
         existing = parent
         while not existing.exists():
