@@ -137,7 +137,14 @@ def _check_own_dir(path: Path, uid: int, what: str) -> None:
 
 def system_home() -> Path:
     """``SYSTEM_HOME``, made on first use (root only): root's, 0755."""
-    _make_dir(SYSTEM_HOME, 0o755)
+    try:
+        _make_dir(SYSTEM_HOME, 0o755)
+    except OSError as exc:
+        raise EmbeddedUnavailable(
+            f"cannot create {SYSTEM_HOME} ({exc.strerror}), where root's embedded "
+            "PostgreSQL keeps binaries its user can run; create it (root's, 0755) "
+            "or run as an ordinary user"
+        ) from exc
     _check_own_dir(SYSTEM_HOME, 0, "pgaccess's home for root's embedded servers")
     return SYSTEM_HOME
 
