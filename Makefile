@@ -1,6 +1,7 @@
 # The README's commands. Each creates .venv and installs what it needs on first use.
+# Another Python beside the default: make test PYTHON=/path/to/python3.9 VENV=.venv-3.9
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 
 .PHONY: test demo bench bench-quick lint soak clean
@@ -42,4 +43,4 @@ lint: $(VENV)/.dev           ## ruff and mypy --strict
 	$(BIN)/mypy --strict src
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pgaccess
+	rm -rf $(VENV) .venv-* build dist src/*.egg-info .pgaccess

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import psycopg2.pool
@@ -33,10 +31,10 @@ def main() -> None:
     if args.dsn:
         dsn = args.dsn
     else:
-        from pgaccess.embedded import EmbeddedServer
+        from pgaccess.embedded import EmbeddedServer, scratch_dir
 
         server = EmbeddedServer(
-            Path(tempfile.mkdtemp(prefix="pgaccess-bench-")) / "data", durable=False
+            scratch_dir("pgaccess-bench-") / "data", durable=False
         ).start()
         dsn = server.dsn()
     try:

@@ -45,7 +45,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -1025,10 +1024,10 @@ def with_search_path(dsn: str, schema: str) -> str:
 
 @contextmanager
 def embedded_target(tcp: bool) -> Iterator[Target]:
-    from pgaccess.embedded import EmbeddedServer
+    from pgaccess.embedded import EmbeddedServer, scratch_dir
 
-    tmp = Path(tempfile.mkdtemp(prefix="pgaccess-bench-"))
-    srv = EmbeddedServer(tmp / "data", durable=False)
+    tmp = scratch_dir("pgaccess-bench-")  # one the server's user can enter
+    srv = EmbeddedServer(tmp / "data", durable=False, tcp=tcp)
     try:
         t0 = time.perf_counter()
         srv.start()

@@ -182,53 +182,6 @@ def test_worker_rejects_a_handler_it_cannot_load() -> None:
     assert "support.jobworker has no no_such_function" in err
 
 
-def test_demo_runs_end_to_end_and_its_summary_adds_up(
-    db: Database, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["demo", "--jobs", "40", "--workers", "4"]) == 0
-    out = capsys.readouterr().out
-
-    def number(label: str) -> int:
-        match = re.search(rf"^\s+{label}\s+(\d+)", out, re.MULTILINE)
-        assert match, f"no {label!r} line in:\n{out}"
-        return int(match.group(1))
-
-    run_id = re.search(r"summary: run (\S+)", out).group(1)  # type: ignore[union-attr]
-    mine = f"src_hash LIKE 'demo-{run_id}-%'"
-    assert sum(status_counts(db, mine).values()) == 40
-    assert number("jobs completed") == status_counts(db, mine).get("completed", 0)
-    assert number("jobs failed") == status_counts(db, mine).get("failed", 0)
-    assert number("jobs completed") + number("jobs failed") == 40
-    (facts,) = db.execute(
-        "SELECT count(*) FILTER (WHERE attempts > 1) AS retried,"
-        " (SELECT count(*) FROM highlight h JOIN video_job j ON j.id = h.job_id"
-        f"   WHERE {mine}) AS highlights,"
-        " (SELECT count(*) FROM processing_metrics m JOIN video_job j"
-        f"   ON j.id = m.job_id WHERE {mine} AND m.stage = 'handler') AS handler_runs"
-        f" FROM video_job WHERE {mine}"
-    )
-    assert number("jobs retried") == facts["retried"]
-    assert number("highlights written") == facts["highlights"]
-    assert number("handler") == facts["handler_runs"] == number("jobs completed")
-    per_job = db.execute(
-        "SELECT count(h.id) AS n FROM video_job j LEFT JOIN highlight h"
-        f" ON h.job_id = j.id WHERE {mine} AND j.status = 'completed' GROUP BY j.id"
-    )
-    assert {r["n"] for r in per_job} <= {1, 2, 3, 4}
-    assert re.search(r"throughput\s+[\d.]+ jobs/s \(40 jobs", out)
-    assert re.search(r"pool\s+maxconn 6, requests \d+, waits \d+, timeouts 0", out)
-
-
-def test_demo_refuses_a_database_with_other_work(
-    db: Database, capsys: pytest.CaptureFixture[str]
-) -> None:
-    job_id = VideoJobs(db).enqueue("real-video", "/in/real.mp4")
-    assert main(["demo", "--jobs", "5"]) == 1
-    assert "not the demo's" in capsys.readouterr().err
-    assert db.count("video_job") == 1
-    assert db.find_one("video_job", {"id": job_id})["status"] == "queued"  # type: ignore[index]
-
-
 def test_python_m_pgaccess_shows_the_commands() -> None:
     proc = run_cli("--help")
     out, _ = proc.communicate(timeout=30)

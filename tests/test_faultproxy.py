@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import psycopg2
 import pytest
@@ -304,6 +304,8 @@ def pg_target(server: TestServer) -> Tuple[str, int]:
 
 PG_USER = os.environ.get("PGUSER", "postgres")
 PG_DBNAME = os.environ.get("PGDATABASE", "postgres")
+#: The session server's credentials (the embedded one's password file), set by ``pg``.
+PG_AUTH: Dict[str, str] = {}
 
 
 def pg_connect(host: str, port: int) -> Any:
@@ -314,6 +316,7 @@ def pg_connect(host: str, port: int) -> Any:
         dbname=PG_DBNAME,
         sslmode="disable",
         connect_timeout=5,
+        **PG_AUTH,
     )
     conn.autocommit = True
     return conn
@@ -321,6 +324,9 @@ def pg_connect(host: str, port: int) -> Any:
 
 @pytest.fixture
 def pg(pgaccess_server: TestServer) -> Iterator[Tuple[str, int]]:
+    params = psycopg2.extensions.parse_dsn(pgaccess_server.admin_dsn)
+    PG_AUTH.clear()
+    PG_AUTH.update({k: params[k] for k in ("passfile", "password") if k in params})
     yield pg_target(pgaccess_server)
 
 
@@ -417,6 +423,7 @@ def test_drop_after_parse_message(pg: Tuple[str, int], scratch: str) -> None:
             dbname=PG_DBNAME,
             sslmode="disable",
             autocommit=True,
+            **PG_AUTH,
         ) as conn:
             assert conn.execute("SELECT %s::int", (5,)).fetchone() == (5,)
             with pytest.raises(psycopg.OperationalError):

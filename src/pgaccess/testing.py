@@ -7,7 +7,11 @@ Enable it in a ``conftest.py``::
 The server is ``PGACCESS_TEST_DSN`` when set (a DSN with the right to create
 databases); otherwise an embedded PostgreSQL (the ``embedded`` extra) is started once
 by the pytest process that runs the session and shared by its xdist workers, in a
-temporary directory removed at the end. Each worker gets a database of its own with
+temporary directory removed at the end (also when the session is killed: a small
+reaper process watches it). Logins need the cluster's password, which the DSNs
+carry as a password file (``passfile=``); the server listens on TCP too only with
+``pgaccess_embedded_tcp = true`` in the pytest ini (pgaccess's own suite sets it
+for its TCP fault proxies). Each worker gets a database of its own with
 the pipeline's schema applied, and ``PGACCESS_DSN`` pointing at it, so ``Database()``
 with no arguments works in tests as it does in production.
 
@@ -26,7 +30,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -37,7 +42,7 @@ from psycopg2 import sql
 
 from . import schema
 from .database import Database
-from .embedded import EmbeddedServer
+from .embedded import EmbeddedServer, scratch_dir
 from .pool import ConnectionPool, _reset_default_pool
 from .transaction import Rollback
 
@@ -87,36 +92,91 @@ class TestServer:
 
 # ------------------------------------------------------------ the server
 _started: Optional[EmbeddedServer] = None
-_tmpdir: Optional[str] = None
+_tmpdir: Optional[Path] = None
+_reaper: Optional[subprocess.Popen[bytes]] = None
+_reaper_pipe: Optional[int] = None
 
 
 def _is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "pgaccess_embedded_tcp",
+        type="bool",
+        default=False,
+        help="pgaccess: the embedded server also listens on 127.0.0.1 (password "
+        "logins only); for tests that reach it through TCP proxies",
+    )
+
+
+def _start_reaper(datadir: Path, scratch: Path) -> None:
+    """A process that destroys the server once this one exits, however it exits.
+
+    It waits for the end of a pipe only this process writes to; the kernel closes
+    it on any exit (SIGTERM, SIGKILL, a crash), so no server outlives its session.
+    pytest_unconfigure stops the server itself first; the reaper then finds nothing.
+    Its own session keeps a Ctrl-C at the terminal from reaching it.
+    """
+    global _reaper, _reaper_pipe
+    read_end, _reaper_pipe = os.pipe()
+    try:
+        _reaper = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from pgaccess.embedded import _reap; "
+                "_reap(sys.argv[1], sys.argv[2])",
+                str(datadir),
+                str(scratch),
+            ],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        os.close(read_end)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     global _started, _tmpdir
     if _is_worker(config) or os.environ.get("PGACCESS_TEST_DSN"):
         return
-    _tmpdir = tempfile.mkdtemp(prefix="pgaccess-test-")
-    _started = EmbeddedServer(Path(_tmpdir) / "data", durable=False).start()
+    _tmpdir = scratch_dir("pgaccess-test-")
+    _start_reaper(_tmpdir / "data", _tmpdir)
+    _started = EmbeddedServer(
+        _tmpdir / "data",
+        durable=False,
+        tcp=bool(config.getini("pgaccess_embedded_tcp")),
+    )
+    _started.start()
     config.stash[_admin_key] = _started.dsn("postgres")
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(
-            f"pgaccess: testing against an embedded PostgreSQL in {_tmpdir} "
+            f"pgaccess: testing against an embedded PostgreSQL in {_tmpdir}, "
+            f"password logins only{', also on TCP' if _started.tcp else ''} "
             "(set PGACCESS_TEST_DSN to use another server)"
         )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    global _started, _tmpdir
-    if _started is not None:
-        _started.destroy()
-        _started = None
-    if _tmpdir is not None:
-        shutil.rmtree(_tmpdir, ignore_errors=True)
-        _tmpdir = None
+    global _started, _tmpdir, _reaper, _reaper_pipe
+    try:
+        if _started is not None:
+            _started.destroy()
+            _started = None
+        if _tmpdir is not None:
+            shutil.rmtree(_tmpdir, ignore_errors=True)
+            _tmpdir = None
+    finally:
+        if _reaper_pipe is not None:
+            os.close(_reaper_pipe)
+            _reaper_pipe = None
+        if _reaper is not None:
+            _reaper.wait(timeout=60)
+            _reaper = None
 
 
 _admin_key = pytest.StashKey[str]()

@@ -119,9 +119,8 @@ def is_valid_table(name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dedicated]:
-    root = tmp_path_factory.mktemp("logged")
-    with dedicated_server(root, {"log_statement": "all"}) as server:
+def logged() -> Iterator[Dedicated]:
+    with dedicated_server({"log_statement": "all"}) as server:
         yield server
 
 

@@ -23,7 +23,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 import psycopg2
@@ -57,9 +56,9 @@ EXPECTED_IN_FAULTS = (ConnectionFailed, ConnectionLost, PoolTimeout)
 
 # ------------------------------------------------------------------ helpers
 @pytest.fixture(scope="module")
-def dedicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dedicated]:
+def dedicated() -> Iterator[Dedicated]:
     """A server of this module's own (per xdist worker), free to restart or crash."""
-    with dedicated_server(tmp_path_factory.mktemp("dedicated")) as server:
+    with dedicated_server() as server:
         yield server
 
 
@@ -1001,15 +1000,13 @@ def test_no_leak_report_without_the_option(
 
 
 # --------------------------------------------- 10. a full server
-def test_server_full_pool_runs_at_the_size_it_can_reach(
-    tmp_path: Path, make_pool: MakePool
-) -> None:
+def test_server_full_pool_runs_at_the_size_it_can_reach(make_pool: MakePool) -> None:
     settings = {
         "max_connections": 5,
         "superuser_reserved_connections": 0,
         "reserved_connections": 0,  # PostgreSQL 16+; the embedded server is 18
     }
-    with dedicated_server(tmp_path, settings) as server:
+    with dedicated_server(settings) as server:
         pool = make_pool(server.dsn(), maxconn=10, timeout=10)
         barrier = threading.Barrier(10)
         calls: List[Call] = []

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.faults
 
 
 def run_soak(tmp_path: Path, config: SoakConfig) -> Dict[str, Any]:
-    with dedicated_server(tmp_path / "server") as server:
+    with dedicated_server() as server:
         report = Soak(server, server.new_database("soak"), config).run()
     path = write_report(report, tmp_path)
     print()

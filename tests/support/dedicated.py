@@ -2,7 +2,7 @@
 
 The session's server is shared by every xdist worker (and is ``PGACCESS_TEST_DSN``
 when that is set), so a test that restarts, crashes or resizes a server starts its
-own embedded one instead: ``dedicated_server(path)``. It keeps one TCP port and one
+own embedded one instead: ``dedicated_server()``. It keeps one TCP port and one
 socket directory for its whole life, so DSNs, pools and proxies made before a
 ``restart()`` or a ``stop()``/``start()`` reach it again afterwards.
 
@@ -14,17 +14,18 @@ the client, and would make "every acknowledged commit survives" untestable.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import subprocess
 import uuid
-from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import psycopg2
 from psycopg2 import sql
+from psycopg2.extensions import make_dsn
 
 from pgaccess import schema
-from pgaccess.embedded import EmbeddedServer
+from pgaccess.embedded import EmbeddedServer, scratch_dir
 
 __all__ = ["Dedicated", "dedicated_server"]
 
@@ -65,11 +66,22 @@ class Dedicated:
 
     def dsn(self, dbname: str = "postgres") -> str:
         """Over the Unix socket (the same path across restarts)."""
-        host = self.server.socket_dir
-        return f"host={host} port={self.port} user=postgres dbname={dbname}"
+        return self._dsn(str(self.server.socket_dir), dbname)
 
     def tcp_dsn(self, dbname: str = "postgres") -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
+        return self._dsn("127.0.0.1", dbname)
+
+    def _dsn(self, host: str, dbname: str) -> str:
+        # Built here rather than by the server: it must work while it is stopped.
+        return str(
+            make_dsn(
+                host=host,
+                port=self.port,
+                user="postgres",
+                dbname=dbname,
+                passfile=str(self.server.passfile),
+            )
+        )
 
     def new_database(self, prefix: str = "t", *, pipeline: bool = True) -> str:
         """A new, empty database (with the pipeline's schema); returns its name."""
@@ -121,16 +133,20 @@ class Dedicated:
 
 
 @contextlib.contextmanager
-def dedicated_server(
-    root: Path, settings: Optional[dict[str, Any]] = None
-) -> Iterator[Dedicated]:
-    """Start a throwaway server in ``root``; stop and delete it afterwards."""
+def dedicated_server(settings: Optional[Dict[str, Any]] = None) -> Iterator[Dedicated]:
+    """Start a throwaway server (TCP too); stop and delete it afterwards.
+
+    Its data lives in a ``scratch_dir()``, not in pytest's ``tmp_path``: under root
+    the server's user cannot enter pytest's folders (/tmp/pytest-of-root is 0700).
+    """
     port = _free_port()
-    conf: dict[str, Any] = {"synchronous_commit": "on", "port": port}
+    conf: Dict[str, Any] = {"synchronous_commit": "on", "port": port}
     conf.update(settings or {})
-    server = EmbeddedServer(root / "data", durable=False, settings=conf)
+    root = scratch_dir("pgaccess-dedicated-")
+    server = EmbeddedServer(root / "data", durable=False, settings=conf, tcp=True)
     try:
         server.start()
         yield Dedicated(server, port)
     finally:
         server.destroy()
+        shutil.rmtree(root, ignore_errors=True)
