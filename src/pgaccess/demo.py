@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional, TextIO
 from . import schema
 from .database import Database
 from .jobs import Handler, Metrics, VideoJobs, Worker
+from .jobs import queries as Q
 
 __all__ = ["SyntheticFailure", "print_stages", "print_summary", "run_demo"]
 
@@ -110,34 +111,6 @@ def _demo_database(explicit: Optional[str], out: TextIO) -> Iterator[str]:
         yield server.dsn(_DEMO_DATABASE)
 
 
-_PROGRESS = """
-SELECT count(*) FILTER (WHERE status = 'completed') AS completed,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
-       count(*) FILTER (WHERE status IN ('queued', 'processing')) AS unfinished,
-       count(*) FILTER (WHERE attempts > 1) AS retried
-FROM video_job WHERE id = ANY(%(ids)s::bigint[])
-"""
-
-_RUN_TOTALS = """
-SELECT count(*) FILTER (WHERE status = 'completed') AS completed,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
-       count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-       count(*) FILTER (WHERE status IN ('queued', 'processing')) AS unfinished,
-       count(*) FILTER (WHERE attempts > 1) AS retried,
-       coalesce(sum(attempts), 0) AS attempts,
-       (SELECT count(*) FROM highlight WHERE job_id = ANY(%(ids)s::bigint[]))
-           AS highlights,
-       extract(epoch FROM max(finished_at) - %(started)s::timestamptz)::float8
-           AS elapsed_s
-FROM video_job WHERE id = ANY(%(ids)s::bigint[])
-"""
-
-_FOREIGN_WORK = """
-SELECT count(*) AS n FROM video_job
-WHERE status IN ('queued', 'processing') AND NOT starts_with(src_hash, %(prefix)s)
-"""
-
-
 class _Progress:
     """A plain-text progress bar: redrawn in place on a terminal, lines otherwise."""
 
@@ -206,7 +179,7 @@ def run_demo(
         where = stack.enter_context(_demo_database(dsn, out))
         db = stack.enter_context(Database(dsn=where, maxconn=workers + 2, name="demo"))
         schema.apply(db.pool)
-        foreign = db.execute(_FOREIGN_WORK, {"prefix": "demo-"})[0]["n"]
+        foreign = db.execute(Q.DEMO_FOREIGN_WORK, {"prefix": "demo-"})[0]["n"]
         if foreign and not force:
             raise RuntimeError(
                 f"the database holds {foreign} queued or processing jobs that "
@@ -274,7 +247,7 @@ def _run_demo(
     try:
         params = {"ids": ids}
         while True:
-            row = db.execute(_PROGRESS, params)[0]
+            row = db.execute(Q.DEMO_PROGRESS, params)[0]
             if row["unfinished"] == 0 or (stop is not None and stop.is_set()):
                 break
             progress.show(row)
@@ -283,7 +256,7 @@ def _run_demo(
         worker.stop()
         worker.join()
         jobs_logger.setLevel(saved_level)
-    totals = db.execute(_RUN_TOTALS, {"ids": ids, "started": started})[0]
+    totals = db.execute(Q.DEMO_RUN_TOTALS, {"ids": ids, "started": started})[0]
     progress.show(totals, final=True)
     stages = Metrics(db).summary(job_ids=ids)
     pool = db.stats()["pool"]

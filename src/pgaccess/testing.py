@@ -43,12 +43,13 @@ from psycopg2 import sql
 from . import schema
 from .database import Database
 from .embedded import EmbeddedServer, scratch_dir
+from .policies import PIPELINE
 from .pool import ConnectionPool, _reset_default_pool
 from .transaction import Rollback
 
 __all__ = ["TestServer"]
 
-PIPELINE_TABLES = ("video_job", "highlight", "processing_metrics")
+PIPELINE_TABLES = tuple(PIPELINE)
 _WORKER_KEY = "pgaccess_admin_dsn"
 
 

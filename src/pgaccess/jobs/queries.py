@@ -230,3 +230,32 @@ WHERE (%(ids)s::bigint[] IS NULL OR job_id = ANY(%(ids)s::bigint[]))
 GROUP BY stage
 ORDER BY stage
 """
+
+# The demo's progress (``pgaccess demo``): its run's jobs by state, and whether the
+# database holds work that is not the demo's.
+DEMO_PROGRESS = """
+SELECT count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status IN ('queued', 'processing')) AS unfinished,
+       count(*) FILTER (WHERE attempts > 1) AS retried
+FROM video_job WHERE id = ANY(%(ids)s::bigint[])
+"""
+
+DEMO_RUN_TOTALS = """
+SELECT count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+       count(*) FILTER (WHERE status IN ('queued', 'processing')) AS unfinished,
+       count(*) FILTER (WHERE attempts > 1) AS retried,
+       coalesce(sum(attempts), 0) AS attempts,
+       (SELECT count(*) FROM highlight WHERE job_id = ANY(%(ids)s::bigint[]))
+           AS highlights,
+       extract(epoch FROM max(finished_at) - %(started)s::timestamptz)::float8
+           AS elapsed_s
+FROM video_job WHERE id = ANY(%(ids)s::bigint[])
+"""
+
+DEMO_FOREIGN_WORK = """
+SELECT count(*) AS n FROM video_job
+WHERE status IN ('queued', 'processing') AND NOT starts_with(src_hash, %(prefix)s)
+"""
