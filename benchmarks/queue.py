@@ -1029,32 +1029,23 @@ def cost_table(
 def enqueue_table(
     plan: Plan, cells: Dict[Tuple[str, int], DrainCell]
 ) -> Tuple[List[str], List[List[str]]]:
-    how = {
-        WORKER: "VideoJobs.enqueue_many(items)",
-        CLAIM: "(same as above)",
-        PGQUEUER: "Queries.enqueue(lists)",
-        PQ: "put() x N in one `with queue:` transaction",
-        PROCRASTINATE: "task.batch_defer_async(*kwargs)",
+    """Median enqueue jobs/s per library (both pgaccess rows enqueue the same way)."""
+    rows = {
+        "pgaccess": ((WORKER, CLAIM), "VideoJobs.enqueue_many(items)"),
+        "PgQueuer": ((PGQUEUER,), "Queries.enqueue(lists)"),
+        "pq": ((PQ,), "put() x N in one `with queue:` transaction"),
+        "procrastinate": ((PROCRASTINATE,), "task.batch_defer_async(*kwargs)"),
     }
     medians: Dict[str, Optional[float]] = {}
-    for s in plan.systems:
-        rates = [
-            c.enqueue_per_s
-            for (cs, _), c in cells.items()
-            if cs == s and c.enqueue_per_s
-        ]
-        medians[s] = statistics.median(rates) if rates else None
+    for lib, (systems, _) in rows.items():
+        rates = [c.enqueue_per_s for c in cells.values() if c.system in systems]
+        medians[lib] = statistics.median(r for r in rates if r) if any(rates) else None
     headers = ["system", "method", "jobs/s", "/ PgQueuer"]
-    rows = [
-        [
-            LABELS[s],
-            how[s],
-            fmt_ops(medians[s]),
-            fmt_ratio(medians[s], medians.get(PGQUEUER)),
-        ]
-        for s in plan.systems
+    return headers, [
+        [lib, how, fmt_ops(medians[lib]), fmt_ratio(medians[lib], medians["PgQueuer"])]
+        for lib, (systems, how) in rows.items()
+        if set(systems) & set(plan.systems)
     ]
-    return headers, rows
 
 
 def statements_table(
@@ -1215,12 +1206,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     for title, (headers, rows) in sections:
         print(f"{title}\n{render_text(headers, rows)}\n")
+    extra = notes(meta)
+    for note in extra:
+        print(note)
     print(f"total time {meta['elapsed_s']:.0f} s")
-    write(args.out, meta, plan, drains, latencies, sections)
+    write(args.out, meta, plan, drains, latencies, sections, extra)
     failed = any(c.error or c.exact() for c in drains.values()) or any(
         c.error for c in latencies
     )
     return 1 if failed else 0
+
+
+def notes(meta: Dict[str, Any]) -> List[str]:
+    out = [
+        "jobs/s: N over first handler start to last completion committed (pq: to the "
+        "last handler's end, since its get() commits the job before the handler runs)",
+        "commits per job: xact_commit of the system's database; WAL: pg_stat_wal of "
+        "the cluster, one system running at a time",
+    ]
+    start, end = meta["load_average_start"], meta["load_average_end"]
+    if max(start, end) > 0.5 * meta["nproc"]:
+        out.append(
+            f"the machine was busy (load average {start} before, {end} after, on "
+            f"{meta['nproc']} cores): the figures are noisy; run again idle"
+        )
+    return out
 
 
 def header(meta: Dict[str, Any], plan: Plan) -> str:
@@ -1248,6 +1258,7 @@ def write(
     drains: Dict[Tuple[str, int], DrainCell],
     latencies: List[LatencyCell],
     sections: List[Tuple[str, Tuple[List[str], List[List[str]]]]],
+    extra: List[str],
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -1264,6 +1275,7 @@ def write(
     md.append("")
     for title, (headers, rows) in sections:
         md += [f"**{title}**", "", render_md(headers, rows), ""]
+    md += [f"- {n}" for n in extra]
     write_atomic(out / "latest.md", ("\n".join(md) + "\n").encode())
     log(f"wrote {out / 'latest.json'}, {out / 'latest.md'}")
 
