@@ -34,6 +34,10 @@ bench: $(VENV)/.bench        ## pgaccess beside its peers, one run
 bench-quick: $(VENV)/.bench
 	$(BIN)/python benchmarks/compare.py --quick $(BENCH_ARGS)
 
+.PHONY: bench-queue
+bench-queue: $(VENV)/.bench  ## the job queue beside PgQueuer, pq, procrastinate (BENCH_ARGS=--quick: a smoke run)
+	$(BIN)/python benchmarks/queue.py $(BENCH_ARGS)
+
 soak: $(VENV)/.test          ## the long reliability tests
 	$(BIN)/pytest -n 4 -m slow $(PYTEST_ARGS)
 
