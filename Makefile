@@ -36,7 +36,7 @@ bench-quick: $(VENV)/.bench
 
 .PHONY: bench-queue
 bench-queue: $(VENV)/.bench  ## the job queue beside PgQueuer, pq, procrastinate (BENCH_ARGS=--quick: a smoke run)
-	$(BIN)/python benchmarks/queue.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/queue_bench.py $(BENCH_ARGS)
 
 soak: $(VENV)/.test          ## the long reliability tests
 	$(BIN)/pytest -n 4 -m slow $(PYTEST_ARGS)

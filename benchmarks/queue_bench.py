@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The job queue of pgaccess beside PgQueuer, pq and procrastinate: one server, one run.
 
-    python benchmarks/queue.py [--quick] [--jobs N] [--threads 1,4,8]
+    python benchmarks/queue_bench.py [--quick] [--jobs N] [--threads 1,4,8]
         [--systems pgaccess-worker,pgaccess-claim,pgqueuer,pq,procrastinate]
         [--latency-threads 1,4] [--latency-seconds S] [--cell-timeout S]
         [--dsn DSN | env PGACCESS_DSN] [--out benchmarks/results/queue]
@@ -52,17 +52,6 @@ failure and the run goes on. Writes ``latest.json`` and ``latest.md`` into ``--o
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# This file is benchmarks/queue.py. Run as a script, its folder heads sys.path and
-# would shadow the standard library's ``queue`` for every module imported after it
-# (concurrent.futures, asyncpg, procrastinate...): move the folder to the end, where
-# ``compare`` is still found and ``queue`` is the standard library's.
-sys.path.append(
-    sys.path.pop(0) if __name__ == "__main__" else str(Path(__file__).parent)
-)
-
 import argparse
 import asyncio
 import json
@@ -71,7 +60,7 @@ import os
 import platform
 import shutil
 import statistics
-import tempfile
+import sys
 import threading
 import time
 from collections import Counter
@@ -80,6 +69,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from importlib import metadata
+from pathlib import Path
 from typing import (
     Any,
     Awaitable,
@@ -92,7 +82,7 @@ from typing import (
     Tuple,
 )
 
-import compare  # benchmarks/ is not a package: found through sys.path above
+import compare  # benchmarks/ is not a package: its folder heads sys.path
 import psycopg2
 from compare import (
     admin_connect,
@@ -209,7 +199,7 @@ def pg_kwargs(dsn: str) -> Dict[str, Any]:
     """A libpq DSN as asyncpg.connect() keywords."""
     p = parse_dsn(dsn)
     out: Dict[str, Any] = {"database": p.get("dbname"), "user": p.get("user")}
-    for k in ("host", "password"):
+    for k in ("host", "password", "passfile"):
         if k in p:
             out[k] = p[k]
     if "port" in p:
@@ -915,9 +905,9 @@ class Target:
 
 @contextmanager
 def embedded_server(names: Sequence[str]) -> Iterator[Target]:
-    from pgaccess.embedded import EmbeddedServer
+    from pgaccess.embedded import EmbeddedServer, scratch_dir
 
-    tmp = Path(tempfile.mkdtemp(prefix="pgaccess-queue-bench-"))
+    tmp = scratch_dir("pgaccess-queue-bench-")  # one the server's user can enter
     srv = EmbeddedServer(tmp / "data")  # durable: fsync and synchronous_commit on
     try:
         srv.start()
