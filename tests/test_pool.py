@@ -148,6 +148,55 @@ def test_waiters_are_served_first_come_first_served(make_pool: MakePool) -> None
     assert order == [0, 1, 2, 3, 4]
 
 
+def _start_waiter(pool: ConnectionPool) -> Tuple[threading.Thread, List[float]]:
+    """A thread that borrows a connection once, queued behind ``pool``'s busy ones;
+    returns it and the list that receives how long it waited."""
+    waited: List[float] = []
+    queued = pool.stats()["waiting"]
+
+    def wait_for_it() -> None:
+        started = time.monotonic()
+        with pool.connection():
+            waited.append(time.monotonic() - started)
+
+    t = threading.Thread(target=wait_for_it)
+    t.start()
+    _wait_for(lambda: pool.stats()["waiting"] == queued + 1)
+    return t, waited
+
+
+def test_a_running_thread_takes_a_returned_connection_while_the_line_is_young(
+    make_pool: MakePool,
+) -> None:
+    # Handing every return to a sleeping waiter costs a context switch per checkout;
+    # while nobody has waited HANDOFF_AFTER, the running thread takes it again.
+    pool = make_pool(maxconn=1, timeout=10)
+    pool.HANDOFF_AFTER = 0.5
+    held = pool.acquire()
+    t, waited = _start_waiter(pool)
+    pool.release(held)
+    again = pool.acquire(timeout=0.1)  # no wait behind the young waiter
+    assert again is held and waited == []
+    time.sleep(0.6)  # now the waiter is past the bound: the next return is its
+    pool.release(again)
+    t.join(timeout=5)
+    assert len(waited) == 1 and waited[0] >= 0.6
+    assert pool.stats()["max_wait"] == pytest.approx(waited[0], abs=0.05)
+
+
+def test_a_waiter_serves_itself_at_the_bound_when_nobody_takes_the_slot(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool(maxconn=1, timeout=10)
+    pool.HANDOFF_AFTER = 0.3
+    held = pool.acquire()
+    t, waited = _start_waiter(pool)
+    pool.release(held)  # the waiter is young: the slot is left free, not handed over
+    t.join(timeout=5)
+    # Served at the bound, not at its 10 s timeout.
+    assert len(waited) == 1 and 0.25 <= waited[0] < 0.3 + 0.5
+
+
 def _take_and_log(pool: ConnectionPool, i: int, order: List[int]) -> None:
     with pool.connection():
         order.append(i)

@@ -266,7 +266,7 @@ class ConnectionPool:
     OUTAGE_POLL = 0.02
     #: Seconds a caller may wait in line before a returned connection goes straight to
     #: it; until then a running thread may take it (see the class docstring).
-    HANDOFF_AFTER = 0.0
+    HANDOFF_AFTER = 0.005
 
     def __init__(
         self,
