@@ -122,6 +122,9 @@ class _DefaultPool(ConnectionPool):
             return object.__getattribute__(self, name)  # introspection never connects
         return getattr(default_pool(), name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(default_pool(), name, value)  # a tunable set here is the pool's
+
     def __enter__(self) -> ConnectionPool:
         return default_pool()
 

@@ -17,6 +17,13 @@ known faults cannot happen:
 - it takes back whatever it is given: here a connection returned twice, returned by a
   thread it is not lent to, or not lent by this pool is refused with ``PoolError``.
 
+Why psycopg2's pool at all, and through its private attributes: the project is a pool
+over psycopg2's ``ThreadedConnectionPool``, and its public ``getconn``/``putconn`` do
+exactly what is listed above. So ``_Store`` keeps psycopg2's bookkeeping (``_pool``,
+``_used``, ``_rused``, ``_keys``/``_getkey``, ``_lock``) and moves connections through
+it under that lock; ``tests/test_pool_store.py`` pins each of them, so a psycopg2
+upgrade that changes one fails there, by name, and not here at run time.
+
 Its helpers live beside it: ``connector`` opens connections and holds the outage
 backoff, ``watch`` runs the monitor thread (leaks, stalls), ``default`` the lazy
 default pool and the fork handling.
