@@ -21,9 +21,8 @@ import threading
 import time
 import traceback
 import weakref
-from collections import Counter
 from types import FrameType
-from typing import Any, Iterable, List, Optional, Protocol, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Tuple
 
 from .connection import STATUS_ACTIVE, PooledConnection
 
@@ -69,7 +68,7 @@ class Watched(Protocol):
 
     name: str
     lock: threading.Lock
-    counters: Counter[str]
+    counters: Dict[str, int]
     leak_threshold: Optional[float]
     stall_timeout: Optional[float]
     monitor: Optional[threading.Thread]
