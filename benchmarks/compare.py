@@ -28,8 +28,10 @@ Each client is used the ordinary way: the peers run every statement in a transac
 raises PoolError when all its connections are out, counted as an error and retried
 after 1 ms. txn5's update sets ``priority = 1`` for every client (pgaccess's update
 takes values). Other workloads: ``insert_many_100k`` (single thread, rows/s) and
-``claim_complete`` (pgaccess.jobs only, jobs/s at 1, 4 and 8 threads); pgbench -S
-(C, select-only) gives the server's own limit.
+``claim_complete`` (pgaccess.jobs only, jobs/s at 1, 4 and 8 threads) and
+``contention`` (find_one at 1, 4 and 16 threads over the pool, each cell on a fresh
+pool so that pgaccess's ``max_wait`` is that cell's; the 16/4 ratio; uncontended
+checkout); pgbench -S (C, select-only) gives the server's own limit.
 """
 
 from __future__ import annotations
@@ -81,7 +83,11 @@ GRID_WORKLOADS = ("find_one", "insert", "count", "txn5", "checkout")
 CHART_WORKLOADS = ("find_one", "insert", "count", "txn5")
 BULK = "insert_many_100k"
 CLAIM = "claim_complete"
-ALL_WORKLOADS = (*GRID_WORKLOADS, BULK, CLAIM)
+CONTENTION = "contention"
+ALL_WORKLOADS = (*GRID_WORKLOADS, BULK, CLAIM, CONTENTION)
+# The contention section: find_one over a pool of --pool-size at these thread counts
+# (the last over the second is the ratio reported), and checkout at 1 thread.
+CONTENTION_THREADS = (1, 4, 16)
 PGACCESS = "pgaccess"
 NOSTATS = "pgaccess-nostats"  # the same, with per-statement statistics off: their cost
 PEERS = ("psycopg2-pool", "psycopg3-pool", "sqlalchemy")  # the pooled peers
@@ -954,6 +960,99 @@ def run_claim(plan: Plan, dsn: str) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------- pgbench
+# ------------------------------------------------------------------ contention
+def run_contention(plan: Plan, dsn: str) -> Dict[str, Any]:
+    """find_one by id at CONTENTION_THREADS over a pool of ``plan.pool_size``, and
+    checkout + return at 1 thread, for each pooled client selected.
+
+    Each cell opens its own client, so pgaccess's ``stats()["max_wait"]`` (the longest
+    a caller waited in line) is that cell's alone; ``None`` where the pool does not
+    report it. Rounds outermost, the client order rotated, as in the grid.
+    """
+    clients = [c for c in plan.clients if "checkout" in CLIENTS[c].workloads]
+    cells: Dict[Tuple[str, str, int], List[Dict[str, Any]]] = {}
+    for rnd in range(plan.rounds):
+        shift = rnd % max(len(clients), 1)
+        for client in clients[shift:] + clients[:shift]:
+            spec = CLIENTS[client]
+            plan_cells = [("find_one", n) for n in CONTENTION_THREADS]
+            plan_cells.append(("checkout", 1))
+            for workload, n in plan_cells:
+                settle(dsn)
+                handle = spec.open(dsn, plan.pool_size)
+                try:
+                    res = run_cell(
+                        partial(spec.workloads[workload], handle), n, plan.duration
+                    )
+                    stats = getattr(getattr(handle, "pool", None), "stats", None)
+                    max_wait = stats().get("max_wait") if stats else None
+                finally:
+                    spec.close(handle)
+                cells.setdefault((client, workload, n), []).append(
+                    {
+                        "ops_per_s": None if res.fatal else res.ops_per_s,
+                        "errors": res.errors,
+                        "max_wait_s": max_wait,
+                        "fatal": res.fatal,
+                    }
+                )
+                log(
+                    f"  [{rnd + 1}/{plan.rounds}] {client:<16} {workload} x{n:<3} "
+                    f"{fmt_ops(res.ops_per_s)} ops/s"
+                    + (f", max wait {max_wait * 1e3:.1f} ms" if max_wait else "")
+                )
+    out = []
+    for (client, workload, n), rounds in cells.items():
+        speeds = [r["ops_per_s"] for r in rounds if r["ops_per_s"]]
+        waits = [r["max_wait_s"] for r in rounds if r["max_wait_s"] is not None]
+        out.append(
+            {
+                "client": client,
+                "workload": workload,
+                "threads": n,
+                "ops_per_s": statistics.median(speeds) if speeds else None,
+                "rounds_ops_per_s": [r["ops_per_s"] for r in rounds],
+                "max_wait_s": max(waits) if waits else None,
+                "errors": sum(r["errors"] for r in rounds),
+            }
+        )
+    return {"pool_size": plan.pool_size, "cells": out}
+
+
+def contention_table(
+    contention: Dict[str, Any],
+) -> Tuple[List[str], List[List[str]]]:
+    """One row per client: find_one ops/s by threads, the ratio of the last two thread
+    counts, the longest wait at the most threads, and checkout at 1 thread."""
+    by = {(c["client"], c["workload"], c["threads"]): c for c in contention["cells"]}
+    few, many = CONTENTION_THREADS[-2], CONTENTION_THREADS[-1]
+    headers = [
+        "client",
+        *(f"find_one x{n}" for n in CONTENTION_THREADS),
+        f"x{many} / x{few}",
+        f"max wait x{many} (ms)",
+        "checkout x1 (us)",
+    ]
+    rows = []
+    for client in dict.fromkeys(c["client"] for c in contention["cells"]):
+        ops = [
+            by.get((client, "find_one", n), {}).get("ops_per_s")
+            for n in CONTENTION_THREADS
+        ]
+        wait = by.get((client, "find_one", many), {}).get("max_wait_s")
+        checkout = by.get((client, "checkout", 1), {}).get("ops_per_s")
+        rows.append(
+            [
+                client,
+                *(fmt_ops(v) for v in ops),
+                fmt_ratio(ops[-1], ops[-2]),
+                "-" if wait is None else f"{wait * 1e3:.1f}",
+                f"{1e6 / checkout:.2f}" if checkout else "-",
+            ]
+        )
+    return headers, rows
+
+
 def pgbench_exe() -> Optional[str]:
     found = shutil.which("pgbench")
     if found:
@@ -1203,7 +1302,14 @@ def claim_table(claim: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
     return ["threads", "jobs", "jobs/s", "note"], rows
 
 
-TEXT_COLUMNS = ("workload", "threads", "method", "note", "errors")  # left-aligned
+TEXT_COLUMNS = (
+    "workload",
+    "threads",
+    "method",
+    "note",
+    "errors",
+    "client",
+)  # left-aligned
 
 
 def render_text(headers: List[str], rows: List[List[str]]) -> str:
@@ -1397,6 +1503,12 @@ class Plan:
             total += 2.0 * self.rounds * self.bulk_rows / 100_000
         if CLAIM in self.workloads and PGACCESS in self.clients:
             total += len(CLAIM_THREADS) * self.rounds * self.claim_jobs / 500
+        if CONTENTION in self.workloads:
+            pooled = [c for c in self.clients if "checkout" in CLIENTS[c].workloads]
+            per_cell = self.duration + 0.5  # + a fresh pool and a VACUUM per cell
+            total += (
+                len(pooled) * (len(CONTENTION_THREADS) + 1) * self.rounds * per_cell
+            )
         return total + len(self.threads) * (self.pgbench_seconds + 0.5) + 5
 
 
@@ -1481,6 +1593,7 @@ class Results:
     claim: Dict[str, Any]
     pgbench: Dict[str, Any]
     phases_s: Dict[str, float]
+    contention: Dict[str, Any] = field(default_factory=dict)
 
 
 def measure(plan: Plan, target: Target) -> Results:
@@ -1505,11 +1618,14 @@ def measure(plan: Plan, target: Target) -> Results:
         claim = phase(CLAIM, partial(run_claim, plan, target.jobs_dsn))
     elif CLAIM in plan.workloads:
         claim = {"skipped": "needs the pgaccess client"}
+    contention: Dict[str, Any] = {}
+    if CONTENTION in plan.workloads:
+        contention = phase(CONTENTION, partial(run_contention, plan, target.dsn))
     pgbench = phase(
         "pgbench",
         partial(run_pgbench, target.pgbench_dsn, plan.threads, plan.pgbench_seconds),
     )
-    return Results(grid, bulk, claim, pgbench, phases)
+    return Results(grid, bulk, claim, pgbench, phases, contention)
 
 
 Section = Tuple[str, Tuple[List[str], List[List[str]]]]  # title, (headers, rows)
@@ -1530,6 +1646,12 @@ def sections(plan: Plan, res: Results, quick: bool) -> List[Section]:
             + (" (--quick: fewer rows)" if quick else "")
         )
         out.append((title, bulk_table(res.bulk)))
+    if res.contention.get("cells"):
+        title = (
+            f"{CONTENTION}: find_one by id (ops/s) over a pool of "
+            f"{res.contention['pool_size']}, each cell on a fresh pool"
+        )
+        out.append((title, contention_table(res.contention)))
     if "cells" in res.claim:
         title = (
             f"{CLAIM}: pgaccess.jobs claim(limit=1) + complete, "
@@ -1592,6 +1714,7 @@ def write_outputs(
         "insert_many": res.bulk,
         "claim_complete": res.claim,
         "pgbench": res.pgbench,
+        "contention": res.contention,
     }
     write_atomic(out / "latest.json", json.dumps(result, indent=2).encode())
     md = ["### Benchmark results", "", *(f"- {x}" for x in header_lines(meta)), ""]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Sequence, Tuple
 
 import psycopg2
 import psycopg2.pool
@@ -19,10 +20,12 @@ from pgaccess import (
     Database,
     DatabaseError,
     PoolClosed,
+    PoolError,
     PoolTimeout,
 )
 from pgaccess import schema as pg_schema
 from pgaccess.config import Settings, default_pool_size, redact_dsn
+from pgaccess.pool import PooledConnection
 
 MakePool = Callable[..., ConnectionPool]
 
@@ -145,6 +148,55 @@ def test_waiters_are_served_first_come_first_served(make_pool: MakePool) -> None
     assert order == [0, 1, 2, 3, 4]
 
 
+def _start_waiter(pool: ConnectionPool) -> Tuple[threading.Thread, List[float]]:
+    """A thread that borrows a connection once, queued behind ``pool``'s busy ones;
+    returns it and the list that receives how long it waited."""
+    waited: List[float] = []
+    queued = pool.stats()["waiting"]
+
+    def wait_for_it() -> None:
+        started = time.monotonic()
+        with pool.connection():
+            waited.append(time.monotonic() - started)
+
+    t = threading.Thread(target=wait_for_it)
+    t.start()
+    _wait_for(lambda: pool.stats()["waiting"] == queued + 1)
+    return t, waited
+
+
+def test_a_running_thread_takes_a_returned_connection_while_the_line_is_young(
+    make_pool: MakePool,
+) -> None:
+    # Handing every return to a sleeping waiter costs a context switch per checkout;
+    # while nobody has waited HANDOFF_AFTER, the running thread takes it again.
+    pool = make_pool(maxconn=1, timeout=10)
+    pool.HANDOFF_AFTER = 0.5
+    held = pool.acquire()
+    t, waited = _start_waiter(pool)
+    pool.release(held)
+    again = pool.acquire(timeout=0.1)  # no wait behind the young waiter
+    assert again is held and waited == []
+    time.sleep(0.6)  # now the waiter is past the bound: the next return is its
+    pool.release(again)
+    t.join(timeout=5)
+    assert len(waited) == 1 and waited[0] >= 0.6
+    assert pool.stats()["max_wait"] == pytest.approx(waited[0], abs=0.05)
+
+
+def test_a_waiter_serves_itself_at_the_bound_when_nobody_takes_the_slot(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool(maxconn=1, timeout=10)
+    pool.HANDOFF_AFTER = 0.3
+    held = pool.acquire()
+    t, waited = _start_waiter(pool)
+    pool.release(held)  # the waiter is young: the slot is left free, not handed over
+    t.join(timeout=5)
+    # Served at the bound, not at its 10 s timeout.
+    assert len(waited) == 1 and 0.25 <= waited[0] < 0.3 + 0.5
+
+
 def _take_and_log(pool: ConnectionPool, i: int, order: List[int]) -> None:
     with pool.connection():
         order.append(i)
@@ -180,6 +232,126 @@ def _catch(fn: Callable[[], object], into: List[BaseException]) -> None:
         fn()
     except BaseException as exc:
         into.append(exc)
+
+
+# ---------------------------------------------------------------- returns
+def _intact(pool: ConnectionPool, in_use: int, idle: int) -> None:
+    stats = pool.stats()
+    assert (stats["in_use"], stats["idle"], stats["connections_discarded"]) == (
+        in_use,
+        idle,
+        0,
+    )
+
+
+def test_a_second_release_is_refused_and_the_pool_stays_intact(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool(maxconn=2)
+    conn = pool.acquire()
+    pool.release(conn)
+    with pytest.raises(PoolError, match="returned twice"):
+        pool.release(conn)
+    assert not conn.closed  # one of the pool's idle connections: not closed
+    _intact(pool, in_use=0, idle=1)
+    assert backend_pid(pool) == conn.get_backend_pid()
+
+
+@contextlib.contextmanager
+def lent_elsewhere(
+    pool: ConnectionPool, before: Sequence[str] = (), after: str = "SELECT 1"
+) -> Iterator[Tuple[PooledConnection, List[Any]]]:
+    """For the block, a connection lent to another thread, which ran ``before`` on it
+    and runs ``after`` when the block ends; yields it and the list that receives the
+    row ``after`` returns (empty if it failed)."""
+    lent, done = threading.Event(), threading.Event()
+    taken: List[PooledConnection] = []
+    rows: List[Any] = []
+
+    def borrower() -> None:
+        with pool.connection() as conn, conn.cursor() as cur:
+            for statement in before:
+                cur.execute(statement)
+            taken.append(conn)
+            lent.set()
+            done.wait(10)
+            cur.execute(after)  # still a working connection of its own
+            rows.append(cur.fetchone())
+
+    t = threading.Thread(target=borrower)
+    t.start()
+    try:
+        assert lent.wait(10)
+        yield taken[0], rows
+    finally:
+        done.set()
+        t.join(timeout=10)
+    assert not t.is_alive()
+
+
+def test_a_second_release_never_takes_the_connection_from_its_new_borrower(
+    make_pool: MakePool,
+) -> None:
+    # Measured before the fix: acquire, release, acquire in another thread (the same
+    # connection), release the first again: the next acquire got the connection
+    # still in use by the other thread.
+    pool = make_pool(maxconn=2)
+    first = pool.acquire()
+    pool.release(first)
+    with lent_elsewhere(pool) as (theirs, rows):
+        assert theirs is first  # the same object: only the lease tells them apart
+        with pytest.raises(PoolError, match="not lent to"):
+            pool.release(first)
+        _intact(pool, in_use=1, idle=0)
+        other = pool.acquire()
+        assert other is not first and not first.closed
+        pool.release(other)
+    assert rows == [(1,)]
+    _intact(pool, in_use=0, idle=2)
+
+
+def test_a_connection_of_another_pool_is_refused(make_pool: MakePool) -> None:
+    ours, theirs = make_pool(maxconn=1, name="ours"), make_pool(maxconn=1)
+    foreign = theirs.acquire()
+    with pytest.raises(PoolError, match="not lent by the pool 'ours'"):
+        ours.release(foreign)
+    assert not foreign.closed
+    _intact(ours, in_use=0, idle=0)
+    theirs.release(foreign)
+    _intact(theirs, in_use=0, idle=1)
+
+
+def test_a_release_from_a_thread_the_connection_is_not_lent_to_is_refused(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool(maxconn=1)
+    conn = pool.acquire()
+    caught: List[BaseException] = []
+    t = threading.Thread(target=lambda: _catch(lambda: pool.release(conn), caught))
+    t.start()
+    t.join(timeout=10)
+    assert len(caught) == 1 and isinstance(caught[0], PoolError)
+    _intact(pool, in_use=1, idle=0)
+    pool.release(conn)  # its borrower can
+    _intact(pool, in_use=0, idle=1)
+
+
+def test_a_refused_release_of_a_connection_in_a_transaction_leaves_it_alone(
+    make_pool: MakePool,
+) -> None:
+    # The slow path (rollback, reset) must check the lease before any I/O.
+    pool = make_pool(maxconn=1)
+    conn = pool.acquire()
+    pool.release(conn)
+    # now() is when the transaction began: in the same one, it is not the statement's
+    # own time; after a rollback (autocommit again) it would be.
+    after = "SELECT now() = statement_timestamp()"
+    with lent_elsewhere(pool, before=["BEGIN"], after=after) as (theirs, rows):
+        assert theirs is conn
+        with pytest.raises(PoolError):
+            pool.release(conn)  # in a transaction: the slow path
+    assert rows == [(False,)]  # the borrower's transaction was left open
+    assert pool.stats()["returned_in_transaction"] == 1  # the borrower's own return
 
 
 # ------------------------------------------------------------------ healing
@@ -311,7 +483,11 @@ def test_stats_add_up(make_pool: MakePool) -> None:
     stats = pool.stats()
     assert stats["requests"] == 3
     assert stats["requests_waiting"] == 1 and stats["timeouts"] == 1
-    assert stats["wait_time"] == pytest.approx(0.05, abs=0.05)
+    # The one waiter waited out its timeout (less the moment before it joined the
+    # line), and that is both the total and the longest wait (a pool that did not time
+    # the wait would report 0).
+    assert 0.045 <= stats["wait_time"] < 0.05 + 0.2
+    assert stats["max_wait"] == stats["wait_time"]
     assert stats["connections_opened"] == 2 and stats["idle"] == 2
     assert stats["in_use"] + stats["idle"] == stats["size"] <= stats["maxconn"]
 
@@ -385,6 +561,14 @@ def test_a_facade_on_a_given_pool_reads_only_its_own_variable(
     monkeypatch.setenv("PGACCESS_SLOW_QUERY_MS", "slow")
     with pytest.raises(ValueError, match="PGACCESS_SLOW_QUERY_MS='slow'"):
         Database(pool=pgaccess_pool)
+
+
+def test_a_pool_never_reads_the_facades_variables(
+    pgaccess_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGACCESS_SLOW_QUERY_MS", "slow")
+    with ConnectionPool(pgaccess_dsn, maxconn=1) as pool:
+        assert backend_pid(pool) > 0
 
 
 def test_passwords_never_shown() -> None:

@@ -1,10 +1,16 @@
-"""Settings: DSN and pool settings from arguments, then the environment, then defaults.
+"""Settings: argument, then the environment, then a default.
+
+What the pool reads (``Settings.resolve``; a pool never reads the facade's variables, so
+a malformed one cannot stop a pool from being made):
 
 - DSN: ``dsn=``, then ``PGACCESS_DSN``, then ``DATABASE_URL``, then libpq's own
   defaults (PGHOST, PGDATABASE, ... or the local socket), as psql.
 - pool size: ``maxconn=``, then ``PGACCESS_POOL_SIZE``, then 2 x CPU cores.
 - wait for a connection: ``timeout=``, then ``PGACCESS_POOL_TIMEOUT``, then 30 s.
 - statement timeout: ``statement_timeout=``, then ``PGACCESS_STATEMENT_TIMEOUT`` (ms).
+
+What the facade reads (``slow_query_ms_from_env``):
+
 - slow-query log: ``slow_query_ms=``, then ``PGACCESS_SLOW_QUERY_MS``.
 """
 
@@ -15,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, TypeVar
 
-__all__ = ["Settings", "default_pool_size", "redact_dsn"]
+__all__ = ["Settings", "default_pool_size", "redact_dsn", "slow_query_ms_from_env"]
 
 T = TypeVar("T")
 
@@ -75,13 +81,12 @@ def redact_dsn(dsn: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """Resolved connection and pool settings; build one with ``Settings.resolve``."""
+    """The pool's settings, resolved; build one with ``Settings.resolve``."""
 
     dsn: str = ""
     maxconn: int = field(default_factory=default_pool_size)
     timeout: float = 30.0
     statement_timeout_ms: Optional[int] = None
-    slow_query_ms: Optional[float] = None
 
     @classmethod
     def resolve(
@@ -91,7 +96,6 @@ class Settings:
         maxconn: Optional[int] = None,
         timeout: Optional[float] = None,
         statement_timeout: Optional[int] = None,
-        slow_query_ms: Optional[float] = None,
         environ: Optional[Mapping[str, str]] = None,
     ) -> Settings:
         """Arguments first, then the environment, then defaults.
@@ -113,8 +117,6 @@ class Settings:
             statement_timeout = _env(
                 env, "PGACCESS_STATEMENT_TIMEOUT", _positive_int, "milliseconds (> 0)"
             )
-        if slow_query_ms is None:
-            slow_query_ms = slow_query_ms_from_env(env)
         if maxconn is not None and maxconn < 1:
             raise ValueError(f"maxconn must be at least 1, got {maxconn}")
         if timeout is not None and not timeout >= 0:
@@ -124,5 +126,4 @@ class Settings:
             maxconn=maxconn if maxconn is not None else default_pool_size(),
             timeout=timeout if timeout is not None else 30.0,
             statement_timeout_ms=statement_timeout,
-            slow_query_ms=slow_query_ms,
         )

@@ -46,7 +46,7 @@ from pgaccess import (
     QueryCanceled,
     UnknownTable,
 )
-from pgaccess.pool import CONNECT_DEFAULTS
+from pgaccess.connector import CONNECT_DEFAULTS, Backoff
 
 pytestmark = pytest.mark.faults
 
@@ -590,7 +590,7 @@ def test_unreachable_server_calls_fail_in_time_and_reconnects_back_off(
     first = min(c.ended for c in calls if c.ok and c.ended > back)
     assert first - back < 1.0, f"first success {first - back:.2f} s after the return"
     # Reconnects back off: one attempt at a time, spaced by a doubling delay
-    # (capped at RECONNECT_MAX_DELAY), however many callers wait.
+    # (capped at Backoff.MAX_DELAY), however many callers wait.
     during = [t for t in refused if t < back]
     assert errors_at_back == len(refused)
     assert 5 <= len(during) <= 16, len(during)
@@ -598,7 +598,7 @@ def test_unreachable_server_calls_fail_in_time_and_reconnects_back_off(
     assert sum(t < half for t in during) > sum(t >= half for t in during)
     probes = [t for t in during if t > during[0] + 0.02]  # after the first burst
     gaps = [b - a for a, b in zip(probes, probes[1:])]
-    assert all(g <= pool.RECONNECT_MAX_DELAY + 0.15 for g in gaps), gaps
+    assert all(g <= Backoff.MAX_DELAY + 0.15 for g in gaps), gaps
     assert all(b >= a * 0.7 for a, b in zip(gaps, gaps[1:])), gaps
     print(
         f"slowest call {slowest:.3f} s; first success {first - back:.3f} s after the "
@@ -962,7 +962,7 @@ def test_set_local_in_a_transaction_does_not_outlive_it(
 def test_leak_is_reported_once_with_the_borrowers_stack(
     make_pool: MakePool, pgaccess_dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="pgaccess.pool")
+    caplog.set_level(logging.WARNING, logger="pgaccess.watch")
     pool = make_pool(pgaccess_dsn, maxconn=2, leak_threshold=0.2)
     conn = pool.acquire()  # the raw pair: the borrower is this function itself
     time.sleep(0.7)  # well past the threshold: still one report
@@ -973,14 +973,15 @@ def test_leak_is_reported_once_with_the_borrowers_stack(
     with pool.connection():  # the context manager: the borrower is still this test
         time.sleep(0.5)
     time.sleep(0.1)
-    reports = [r for r in caplog.records if r.name == "pgaccess.pool"]
+    reports = [r for r in caplog.records if r.name == "pgaccess.watch"]
     assert len(reports) == 2, [r.getMessage() for r in reports]
     for record in reports:
         assert record.levelno == logging.WARNING
         message = record.getMessage()
         assert "held for more than 0.2 s" in message and pool.name in message
         assert "test_leak_is_reported_once_with_the_borrowers_stack" in message
-        assert "pool.py" not in message  # the borrower's frames, not the pool's
+        # the borrower's frames, not the pool's
+        assert "pool.py" not in message and "watch.py" not in message
     assert pool.stats()["leaks_reported"] == 2
 
 
@@ -991,7 +992,7 @@ def test_no_leak_report_without_the_option(
     pool = make_pool(pgaccess_dsn, maxconn=1)
     with pool.connection():
         time.sleep(0.5)
-    assert [r for r in caplog.records if r.name == "pgaccess.pool"] == []
+    assert [r for r in caplog.records if r.name == "pgaccess.watch"] == []
     assert pool.stats()["leaks_reported"] == 0
     monitors = [
         t for t in threading.enumerate() if t.name == f"pgaccess-monitor-{pool.name}"
