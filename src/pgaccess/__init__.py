@@ -4,6 +4,7 @@ Importing pgaccess never connects: the default pool is created on first use.
 """
 
 from .database import Database
+from .default import db_pool
 from .errors import (
     CheckViolation,
     CommitOutcomeUnknown,
@@ -31,7 +32,7 @@ from .errors import (
 )
 from .jobs import Highlights, JobHandle, JobLost, Metrics, VideoJobs, Worker
 from .policies import WritePolicies, WritePolicy
-from .pool import ConnectionPool, db_pool
+from .pool import ConnectionPool
 from .retry import RetryPolicy, is_transient, retrying, with_retry
 from .transaction import Rollback, Savepoint, Transaction, TransactionStatus
 

@@ -12,11 +12,12 @@ import logging
 from typing import Any, Callable, Dict, Optional, TypeVar, cast
 
 from .config import slow_query_ms_from_env
+from .default import default_pool
 from .errors import TransactionError
 from .executor import Autocommit, Retrying
 from .facade import Facade
 from .policies import PIPELINE, WritePolicies
-from .pool import ConnectionPool, default_pool
+from .pool import ConnectionPool
 from .retry import READ, TRANSIENT, RetryPolicy, global_stats
 from .stats import Recorder, query_stats
 from .transaction import Transaction, TransactionBlock, current_transaction

@@ -71,15 +71,10 @@ from .watch import (
     start_monitor,
 )
 
-if TYPE_CHECKING:  # re-exported lazily below; ``default`` imports this module
-    from .default import db_pool, default_pool
-
 __all__ = [
     "CONNECT_DEFAULTS",
     "ConnectionPool",
     "PooledConnection",
-    "db_pool",
-    "default_pool",
     "live_pools",
 ]
 
@@ -922,21 +917,3 @@ class ConnectionPool:
                 finally:
                     os.close(devnull)
         self._reset_state()
-
-
-# Modules written before the split import these from here; the default pool lives in
-# ``default`` (above this module), so they are looked up on first use, not imported.
-_FROM_DEFAULT = {
-    "db_pool": "db_pool",
-    "default_pool": "default_pool",
-    "_reset_default_pool": "reset_default_pool",
-}
-
-
-def __getattr__(name: str) -> Any:
-    target = _FROM_DEFAULT.get(name)
-    if target is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import default
-
-    return getattr(default, target)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 import weakref
@@ -48,6 +47,7 @@ from tenacity import (
     wait_random,
 )
 
+from .default import reinit_after_fork
 from .errors import (
     CommitOutcomeUnknown,
     ConnectionFailed,
@@ -184,8 +184,7 @@ def _new_locks_in_child() -> None:
         stats._new_lock_in_child()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_locks_in_child)
+reinit_after_fork(_new_locks_in_child)
 
 #: Counts of every policy that is not given a RetryStats of its own.
 global_stats = RetryStats()

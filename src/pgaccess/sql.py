@@ -14,7 +14,6 @@ values always travel separately as bound parameters.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from typing import (
@@ -33,6 +32,7 @@ from typing import (
 
 from psycopg2 import sql
 
+from .default import reinit_after_fork
 from .errors import InvalidQuery
 
 __all__ = [
@@ -371,8 +371,7 @@ def _new_lock_in_child() -> None:
     _cache_lock = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_in_child)
+reinit_after_fork(_new_lock_in_child)
 
 
 def statement(key: Hashable, build: Callable[[], sql.Composable]) -> Statement:

@@ -8,9 +8,10 @@ took, and whether it failed. ``Database(query_stats=False)`` records nothing.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any, Dict, List, Optional
+
+from .default import reinit_after_fork
 
 __all__ = ["Recorder", "query_stats", "record"]
 
@@ -43,8 +44,7 @@ def _new_lock_in_child() -> None:
     _lock = threading.Lock()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_in_child)
+reinit_after_fork(_new_lock_in_child)
 
 
 def record(text: str, elapsed: float, failed: bool) -> None:

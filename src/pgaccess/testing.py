@@ -42,9 +42,10 @@ from psycopg2 import sql
 
 from . import schema
 from .database import Database
+from .default import reset_default_pool
 from .embedded import EmbeddedServer, scratch_dir
 from .policies import PIPELINE
-from .pool import ConnectionPool, _reset_default_pool
+from .pool import ConnectionPool
 from .transaction import Rollback
 
 __all__ = ["TestServer"]
@@ -223,9 +224,9 @@ def pgaccess_dsn(
     schema.apply(dsn)
     saved = os.environ.get("PGACCESS_DSN")
     os.environ["PGACCESS_DSN"] = dsn
-    _reset_default_pool()
+    reset_default_pool()
     yield dsn
-    _reset_default_pool()
+    reset_default_pool()
     if saved is None:
         os.environ.pop("PGACCESS_DSN", None)
     else:

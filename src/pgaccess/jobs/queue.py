@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import os
 import threading
 import uuid
 import weakref
@@ -53,6 +52,7 @@ from typing import (
 )
 
 from ..database import Database
+from ..default import reinit_after_fork
 from ..errors import DatabaseError, InvalidQuery
 from ..retry import WRITE, RetryPolicy
 from . import queries as Q
@@ -305,8 +305,7 @@ def _forget_heartbeats_in_child() -> None:
         heartbeater._forget()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_heartbeats_in_child)
+reinit_after_fork(_forget_heartbeats_in_child)
 
 
 # ------------------------------------------------------------------ the queue
