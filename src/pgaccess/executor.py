@@ -102,54 +102,43 @@ FETCH: Tuple[Callable[[Any], Any], ...] = (
 def execute(
     conn: PooledConnection,
     cur: Any,
-    text: str,
-    params: Params,
-    fetch: Callable[[Any], T],
+    label: str,
+    work: Callable[[Any], T],
     record: Recorder,
     *,
     write: bool,
-    sent: Optional[str] = None,
+    params: Params = None,
 ) -> T:
-    """Run ``text`` (or ``sent``, which carries it) on ``cur`` and ``fetch`` the result.
-
-    Times the statement and hands it to ``record``; a psycopg2 error is translated to
-    its pgaccess error by SQLSTATE (``write``: a lost connection means the outcome is
-    unknown). Parameters that do not fit the placeholders raise ``InvalidQuery``:
-    psycopg2 finds that out before anything is sent.
+    """Run ``work(cur)`` (one statement and its fetch, a COPY, ...) as every
+    statement runs: timed, handed to ``record`` under ``label``, a psycopg2 error
+    translated to its pgaccess error by SQLSTATE (``write``: a lost connection means
+    the outcome is unknown). ``params`` that do not fit the placeholders of ``label``
+    raise ``InvalidQuery``: psycopg2 finds that out before anything is sent.
     """
     t0 = perf_counter()
     try:
-        cur.execute(sent or text, params)
-        result = fetch(cur)
-    except (psycopg2.Error, ValueError) as exc:
-        record(text, perf_counter() - t0, True)
-        raise translate(exc, text, connection=conn, write_in_flight=write) from exc
-    except (IndexError, KeyError, TypeError) as exc:
-        if params is None:
-            raise
-        raise InvalidQuery(q.params_mismatch(text, params)) from exc
-    record(text, perf_counter() - t0, False)
-    return result
-
-
-def call(
-    conn: PooledConnection,
-    cur: Any,
-    fn: Callable[[Any], T],
-    label: str,
-    record: Recorder,
-    *,
-    write: bool,
-) -> T:
-    """Run ``fn(cur)`` (several statements, COPY ...) as :func:`execute` runs one."""
-    t0 = perf_counter()
-    try:
-        result = fn(cur)
+        result = work(cur)
     except (psycopg2.Error, ValueError) as exc:
         record(label, perf_counter() - t0, True)
         raise translate(exc, label, connection=conn, write_in_flight=write) from exc
+    except (IndexError, KeyError, TypeError) as exc:
+        if params is None:
+            raise
+        raise InvalidQuery(q.params_mismatch(label, params)) from exc
     record(label, perf_counter() - t0, False)
     return result
+
+
+def statement(
+    sent: str, params: Params, fetch: Callable[[Any], T]
+) -> Callable[[Any], T]:
+    """The work of one statement: send ``sent`` with ``params``, then ``fetch``."""
+
+    def work(cur: Any) -> T:
+        cur.execute(sent, params)
+        return fetch(cur)
+
+    return work
 
 
 def first_words(st: q.Statement, n: int = 4) -> List[str]:
@@ -213,14 +202,10 @@ class Autocommit:
             cur = conn.cursor_cache
             if cur is None or cur.closed:
                 cur = conn.cursor_cache = conn.cursor()
+            text = st.text or st.render(cur)
+            work = statement(text, params, FETCH[mode])
             return execute(
-                conn,
-                cur,
-                st.text or st.render(cur),
-                params,
-                FETCH[mode],
-                self.record,
-                write=write,
+                conn, cur, text, work, self.record, write=write, params=params
             )
         finally:
             pool.release(conn)
@@ -241,7 +226,7 @@ class Autocommit:
                 with tx:
                     return tx.call(fn, label, write)
             with conn.cursor() as cur:
-                return call(conn, cur, fn, label, self.record, write=write)
+                return execute(conn, cur, label, fn, self.record, write=write)
         finally:
             pool.release(conn)
 
@@ -320,13 +305,15 @@ class TransactionExecutor:
         text = st.text or st.render(cur)
         begin = self._pending_begin
         if begin is None:
-            return execute(self.conn, cur, text, params, FETCH[mode], self.record,
-                           write=False)  # fmt: skip
+            work = statement(text, params, FETCH[mode])
+            return execute(self.conn, cur, text, work, self.record, write=False,
+                           params=params)  # fmt: skip
         # One round trip for BEGIN and the first statement (simple query protocol).
         self._pending_begin = None
+        work = statement(f"{begin}; {text}", params, FETCH[mode])
         try:
-            return execute(self.conn, cur, text, params, FETCH[mode], self.record,
-                           write=False, sent=f"{begin}; {text}")  # fmt: skip
+            return execute(self.conn, cur, text, work, self.record, write=False,
+                           params=params)  # fmt: skip
         except BaseException:
             if self.conn.get_transaction_status() == _STATUS_IDLE:
                 # BEGIN did not run either: a parse error fails the whole "BEGIN; ..."
@@ -338,7 +325,7 @@ class TransactionExecutor:
     def call(self, fn: Callable[[Any], T], label: str, write: bool) -> T:
         self.check()
         self.begin_now()
-        return call(self.conn, self._cur, fn, label, self.record, write=False)
+        return execute(self.conn, self._cur, label, fn, self.record, write=False)
 
     # ------------------------------------------------------------ the end
     def __enter__(self) -> TransactionExecutor:
