@@ -60,7 +60,9 @@ BEGIN
     SELECT count(*) INTO due FROM pgaccess_new_jobs
     WHERE status = 'queued' AND run_after <= now();
     IF due > 0 THEN
-        PERFORM pg_notify('pgaccess_video_job', due::text);
+        -- The time makes each payload unique: NOTIFY folds identical ones sent in one
+        -- transaction, and 100 one-row inserts there are 100 jobs, not 1.
+        PERFORM pg_notify('pgaccess_video_job', due || ' ' || clock_timestamp());
     END IF;
     RETURN NULL;
 END

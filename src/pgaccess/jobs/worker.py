@@ -110,8 +110,10 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.jobs = jobs if jobs is not None else VideoJobs(db)
         self.record_metrics = record_metrics
-        self.idle_min = self.IDLE_MIN if idle_min is None else idle_min
         self.idle_max = self.IDLE_MAX if idle_max is None else idle_max
+        self.idle_min = min(
+            self.IDLE_MIN if idle_min is None else idle_min, self.idle_max
+        )
         self.reclaim_after = (
             None if reclaim_after is None else seconds(reclaim_after, "reclaim_after")
         )
