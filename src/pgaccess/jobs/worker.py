@@ -272,7 +272,11 @@ class Worker:
             handles = [JobHandle(row, worker_id) for row in rows]
             self.jobs.hold(handles)
             self._add(claimed=got)
-            mean = self._batch(worker_id, handles, mean)
+            try:
+                mean = self._batch(worker_id, handles, mean)
+            except Exception:  # a bug, not a job's failure: keep the thread alive
+                self._add(errors=1)
+                logger.exception("%s: a batch of %d jobs broke off", worker_id, got)
             # The next batch: twice as many after a full one, what came after a short
             # one, and no more than BATCH_SECONDS of handler time.
             limit = min(limit * 2, self.CLAIM_BATCH_MAX) if got >= limit else got
