@@ -286,3 +286,13 @@ def test_wakeup_never_hands_out_more_permits_than_threads_wait() -> None:
     t0 = time.monotonic()
     assert wakeup.wait(0.1) is False
     assert time.monotonic() - t0 >= 0.09
+
+
+def test_a_wake_during_a_claim_is_not_lost_for_a_thread_that_was_not_waiting() -> None:
+    wakeup = Wakeup()
+    seen = wakeup.generation  # read before a claim ...
+    assert wakeup.wake(1) == 0  # ... a job is announced while it runs: nobody waits
+    t0 = time.monotonic()
+    assert wakeup.wait(5.0, seen) is True  # the claim that follows is not put off
+    assert time.monotonic() - t0 < 0.1
+    assert wakeup.wait(0.05, wakeup.generation) is False  # nothing new: it waits

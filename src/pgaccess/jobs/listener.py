@@ -38,20 +38,31 @@ class Wakeup:
     ``wake(n)`` hands out at most ``n`` permits, and never more than there are
     threads waiting without one, so a storm of notifications wakes no more threads
     than there are jobs, and permits do not pile up for threads that are busy.
+
+    A notification that comes while a thread's claim runs may announce a job that
+    claim did not see, with nobody waiting to take it: ``generation`` counts the
+    wakes; a thread reads it before it claims and passes it to ``wait``, which
+    returns at once if a wake came in between (one more claim, rather than a job
+    left for the next poll).
     """
 
-    __slots__ = ("_closed", "_cond", "_idle", "_permits")
+    __slots__ = ("_closed", "_cond", "_idle", "_permits", "generation")
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._idle = 0
         self._permits = 0
         self._closed = False
+        #: How many times ``wake`` announced jobs.
+        self.generation = 0
 
-    def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds; True when woken by ``wake``."""
+    def wait(self, timeout: float, seen: Optional[int] = None) -> bool:
+        """Wait up to ``timeout`` seconds; True when woken by ``wake``, or at once
+        when a wake came since ``generation`` was ``seen``."""
         deadline = monotonic() + timeout
         with self._cond:
+            if seen is not None and seen != self.generation:
+                return True
             self._idle += 1
             try:
                 while self._permits == 0:
@@ -67,6 +78,8 @@ class Wakeup:
     def wake(self, n: int) -> int:
         """Let up to ``n`` waiting threads go; return how many were let go."""
         with self._cond:
+            if n > 0:
+                self.generation += 1
             n = min(n, self._idle - self._permits)
             if n > 0:
                 self._permits += n

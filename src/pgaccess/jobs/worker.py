@@ -251,6 +251,7 @@ class Worker:
         delay = self.idle_min
         mean = 0.0  # running mean of a handler's seconds
         while not self._stop.is_set():
+            seen = self._wakeup.generation
             try:
                 rows = self.jobs.claim(worker_id, limit=limit)
             except Exception as exc:
@@ -262,7 +263,7 @@ class Worker:
                 # polling ever less often.
                 limit = 1
                 self._add(empty_claims=1)
-                if self._wakeup.wait(delay):
+                if self._wakeup.wait(delay, seen):
                     delay = self.idle_min
                 else:
                     delay = min(delay * 2, self.idle_max)
