@@ -5,15 +5,19 @@
   one job in one block.
 - ``writers.py``: :class:`Highlights` and :class:`Metrics`, idempotent writers and
   server-side summaries.
-- ``worker.py``: :class:`Worker`, the long-running loop of ``pgaccess worker``.
+- ``worker.py``: :class:`Worker`, the long-running loop of ``pgaccess worker``:
+  batch claims, batched completions, woken by NOTIFY.
+- ``listener.py``: the Worker's LISTEN connection and the wake-up its idle threads
+  wait on.
 - ``queries.py``: the SQL of all of them.
 """
 
-from .queue import Duration, JobHandle, JobLost, VideoJobs
+from .queue import Completions, Duration, JobHandle, JobLost, VideoJobs
 from .worker import Handler, Worker
 from .writers import Highlights, Metrics
 
 __all__ = [
+    "Completions",
     "Duration",
     "Handler",
     "Highlights",

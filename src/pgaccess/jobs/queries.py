@@ -14,6 +14,25 @@ _JOB_KEY = conflict_target(VIDEO_JOB)
 _HIGHLIGHT_KEY = conflict_target(HIGHLIGHT)
 _METRIC_KEY = conflict_target(PROCESSING_METRICS)
 
+#: The channel the schema's insert trigger notifies (payload: how many jobs are due
+#: now) and the workers LISTEN on. sql/schema.sql spells it too.
+CHANNEL = "pgaccess_video_job"
+
+#: The columns a claim returns: what a handler and a JobHandle read. Not the lease's
+#: own columns (status, locked_by, locked_at, heartbeat_at: the worker knows them),
+#: nor those of a finished job; each timestamp costs the client a parse per job.
+CLAIMED_COLUMNS = (
+    "id",
+    "src_hash",
+    "input_path",
+    "priority",
+    "attempts",
+    "max_attempts",
+    "created_at",
+    "error",
+)
+_RETURNING = ", ".join(f"v.{c}" for c in CLAIMED_COLUMNS)
+
 ENQUEUE = f"""
 WITH input AS (
     SELECT * FROM unnest(
@@ -39,31 +58,34 @@ ORDER BY input.ord
 # MATERIALIZED: the locking SELECT runs once, on its own, and feeds the UPDATE; inlined,
 # the planner could evaluate it in a way that locks rows it then does not update.
 # SKIP LOCKED: concurrent claimers pass over each other's rows instead of queueing.
-# The order is that of video_job_queued_idx (priority DESC, created_at, id).
-CLAIM = """
+# The order is that of video_job_queued_idx (priority DESC, created_at, id); the
+# server sorts what RETURNING gives back in no particular order.
+CLAIM = f"""
 WITH picked AS MATERIALIZED (
     SELECT id FROM video_job
     WHERE status = 'queued' AND run_after <= now() AND attempts < max_attempts
     ORDER BY priority DESC, created_at, id
     LIMIT %(limit)s
     FOR NO KEY UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE video_job AS v
+    SET status = 'processing', locked_by = %(worker)s, locked_at = now(),
+        heartbeat_at = now(), attempts = v.attempts + 1, updated_at = now()
+    FROM picked
+    WHERE v.id = picked.id
+    RETURNING {_RETURNING}
 )
-UPDATE video_job AS v
-SET status = 'processing', locked_by = %(worker)s, locked_at = now(),
-    heartbeat_at = now(), attempts = v.attempts + 1
-FROM picked
-WHERE v.id = picked.id
-RETURNING v.*
+SELECT * FROM claimed ORDER BY priority DESC, created_at, id
 """
 
 HEARTBEAT = """
-UPDATE video_job SET heartbeat_at = now()
+UPDATE video_job SET heartbeat_at = now(), updated_at = now()
 WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
 RETURNING id
 """
 
 HEARTBEAT_MANY = """
-UPDATE video_job AS v SET heartbeat_at = now()
+UPDATE video_job AS v SET heartbeat_at = now(), updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(workers)s::text[]) AS h(id, worker)
 WHERE v.id = h.id AND v.status = 'processing' AND v.locked_by = h.worker
 RETURNING v.id
@@ -71,12 +93,14 @@ RETURNING v.id
 
 # One statement, so one transaction: the job is completed together with its highlights
 # and metrics, or not at all. The inserts read ``done``, so they write nothing when the
-# job is no longer held (or a retry finds it already completed).
+# job is no longer held (or a retry finds it already completed): that, not the
+# metrics' op_id, is what keeps a retried completion from writing them twice, so the
+# server makes the op_id (gen_random_uuid) when the client sends NULL.
 COMPLETE = f"""
 WITH done AS (
     UPDATE video_job
     SET status = 'completed', output_path = %(output_path)s, error = NULL,
-        finished_at = now(), heartbeat_at = now()
+        finished_at = now(), heartbeat_at = now(), updated_at = now()
     WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
     RETURNING id
 ), hl AS (
@@ -90,7 +114,7 @@ WITH done AS (
     RETURNING 1
 ), m AS (
     INSERT INTO processing_metrics (op_id, job_id, stage, duration_ms)
-    SELECT m.op_id, done.id, m.stage, m.duration_ms
+    SELECT COALESCE(m.op_id, gen_random_uuid()), done.id, m.stage, m.duration_ms
     FROM done, unnest(%(op_ids)s::uuid[], %(stages)s::text[], %(durations)s::float8[])
         AS m(op_id, stage, duration_ms)
     ON CONFLICT ({_METRIC_KEY}) DO NOTHING
@@ -99,6 +123,38 @@ WITH done AS (
 SELECT (SELECT count(*) FROM done) AS completed,
        (SELECT count(*) FROM hl) AS highlights,
        (SELECT count(*) FROM m) AS metrics
+"""
+
+# COMPLETE for a batch of jobs held by one worker, in one statement (one transaction):
+# each job is completed with its own highlights and timings or not at all, as COMPLETE
+# does it; a job no longer held is left alone and missing from the result. Returns the
+# ids completed.
+COMPLETE_MANY = f"""
+WITH done AS (
+    UPDATE video_job AS v
+    SET status = 'completed', output_path = c.output_path, error = NULL,
+        finished_at = now(), heartbeat_at = now(), updated_at = now()
+    FROM unnest(%(ids)s::bigint[], %(output_paths)s::text[]) AS c(id, output_path)
+    WHERE v.id = c.id AND v.status = 'processing' AND v.locked_by = %(worker)s
+    RETURNING v.id
+), hl AS (
+    INSERT INTO highlight (job_id, start_time, end_time, score, label)
+    SELECT h.job_id, h.start_time, h.end_time, h.score, h.label
+    FROM unnest(
+        %(hl_jobs)s::bigint[], %(starts)s::float8[], %(ends)s::float8[],
+        %(scores)s::float8[], %(labels)s::text[]
+    ) AS h(job_id, start_time, end_time, score, label)
+    JOIN done ON done.id = h.job_id
+    ON CONFLICT ({_HIGHLIGHT_KEY}) DO NOTHING
+), m AS (
+    INSERT INTO processing_metrics (op_id, job_id, stage, duration_ms)
+    SELECT gen_random_uuid(), m.job_id, m.stage, m.duration_ms
+    FROM unnest(%(m_jobs)s::bigint[], %(stages)s::text[], %(durations)s::float8[])
+        AS m(job_id, stage, duration_ms)
+    JOIN done ON done.id = m.job_id
+    ON CONFLICT ({_METRIC_KEY}) DO NOTHING
+)
+SELECT id FROM done
 """
 
 # attempts was counted at claim time: after the first failure the wait is BACKOFF_BASE,
@@ -111,41 +167,61 @@ SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
         THEN now() + make_interval(
             secs => least(%(max)s::float8, %(base)s::float8 * power(2, attempts - 1)))
         ELSE run_after END,
-    finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END
+    finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END,
+    updated_at = now()
 WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
 RETURNING status
 """
 
-RELEASE = """
-UPDATE video_job
-SET status = 'queued', attempts = greatest(attempts - 1, 0), run_after = now()
-WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
-RETURNING id
+# A released job is due at once: wake an idle worker for it (the insert trigger only
+# sees new jobs). The notification goes out when the statement commits. The final
+# WHERE reads ``woke`` so that it runs: a plain SELECT in WITH runs only if read.
+RELEASE_MANY = f"""
+WITH released AS (
+    UPDATE video_job
+    SET status = 'queued', attempts = greatest(attempts - 1, 0), run_after = now(),
+        updated_at = now()
+    WHERE id = ANY(%(ids)s::bigint[]) AND status = 'processing'
+      AND locked_by = %(worker)s
+    RETURNING id
+), woke AS (
+    SELECT pg_notify('{CHANNEL}', count(*)::text) FROM released HAVING count(*) > 0
+)
+SELECT id FROM released WHERE (SELECT count(*) FROM woke) >= 0
 """
 
-RECLAIM = """
-UPDATE video_job
-SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
-    error = format('reclaimed: no heartbeat from %%s since %%s', locked_by,
-                   heartbeat_at),
-    locked_by = NULL,
-    run_after = now(),
-    finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END
-WHERE status = 'processing'
-  AND heartbeat_at < now() - make_interval(secs => %(older)s::float8)
-RETURNING id, status
+RELEASE = RELEASE_MANY.replace("ANY(%(ids)s::bigint[])", "%(id)s")
+
+RECLAIM = f"""
+WITH back AS (
+    UPDATE video_job
+    SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
+        error = format('reclaimed: no heartbeat from %%s since %%s', locked_by,
+                       heartbeat_at),
+        locked_by = NULL,
+        run_after = now(),
+        finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END,
+        updated_at = now()
+    WHERE status = 'processing'
+      AND heartbeat_at < now() - make_interval(secs => %(older)s::float8)
+    RETURNING id, status
+), woke AS (
+    SELECT pg_notify('{CHANNEL}', count(*)::text) FROM back
+    WHERE status = 'queued' HAVING count(*) > 0
+)
+SELECT id, status FROM back WHERE (SELECT count(*) FROM woke) >= 0
 """
 
 RETRY_FAILED = """
 UPDATE video_job
 SET status = 'queued', attempts = 0, run_after = now(), finished_at = NULL,
-    locked_by = NULL
+    locked_by = NULL, updated_at = now()
 WHERE id = %(id)s AND status = 'failed'
 RETURNING id
 """
 
 CANCEL = """
-UPDATE video_job SET status = 'cancelled', finished_at = now()
+UPDATE video_job SET status = 'cancelled', finished_at = now(), updated_at = now()
 WHERE id = %(id)s AND status IN ('queued', 'processing')
 RETURNING id
 """
@@ -161,6 +237,10 @@ SELECT count(*) AS purged FROM gone
 """
 
 JOB_STATE = "SELECT status, locked_by FROM video_job WHERE id = %(id)s"
+
+JOB_STATES = """
+SELECT id, status, locked_by FROM video_job WHERE id = ANY(%(ids)s::bigint[])
+"""
 
 STATS = """
 SELECT

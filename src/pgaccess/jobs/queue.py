@@ -35,7 +35,6 @@ import contextlib
 import datetime
 import logging
 import threading
-import uuid
 import weakref
 from time import perf_counter
 from typing import (
@@ -45,6 +44,7 @@ from typing import (
     Iterator,
     List,
     Mapping,
+    NamedTuple,
     Optional,
     Sequence,
     Tuple,
@@ -53,11 +53,11 @@ from typing import (
 
 from ..database import Database
 from ..default import reinit_after_fork
-from ..errors import DatabaseError, InvalidQuery
+from ..errors import DatabaseError, DataError, IntegrityError, InvalidQuery
 from ..retry import WRITE, RetryPolicy
 from . import queries as Q
 
-__all__ = ["Duration", "JobHandle", "JobLost", "VideoJobs"]
+__all__ = ["Completions", "Duration", "JobHandle", "JobLost", "VideoJobs"]
 
 logger = logging.getLogger("pgaccess.jobs.queue")
 
@@ -124,6 +124,16 @@ class JobLost(DatabaseError):
         self.holder = holder
 
 
+class Completions(NamedTuple):
+    """What ``VideoJobs.complete_many`` did: the ids completed, the ``JobLost`` of the
+    jobs no longer held, and (id, error) of the jobs whose completion was refused
+    (they were failed instead)."""
+
+    completed: List[int]
+    lost: List[JobLost]
+    refused: List[Tuple[int, DatabaseError]]
+
+
 # ------------------------------------------------------------------ helpers
 HighlightColumns = Tuple[List[float], List[float], List[float], List[Optional[str]]]
 
@@ -165,7 +175,9 @@ def check_id(job_id: Any) -> int:
 class JobHandle:
     """A job claimed by ``VideoJobs.processing()``, for the block that processes it.
 
-    ``job["input_path"]`` (and every other column) reads the claimed row. What the
+    ``job["input_path"]`` reads the claimed row: the columns of
+    ``queries.CLAIMED_COLUMNS`` (id, src_hash, input_path, priority, attempts,
+    max_attempts, created_at, and error: the last attempt's, if any). What the
     block adds is written in the same statement as the completion, so a job is never
     completed without it nor gets it twice:
 
@@ -186,8 +198,10 @@ class JobHandle:
         self.worker_id = worker_id
         self.highlights: List[Dict[str, Any]] = []
         self.output_path: Optional[str] = None
-        # (op_id, stage, milliseconds); the op_id is fixed now so a retry reuses it.
-        self.timings: List[Tuple[str, str, float]] = []
+        # (op_id, stage, milliseconds); op_id None: the server makes one. A retried
+        # completion cannot write them twice: they go in only with the job's change
+        # to completed.
+        self.timings: List[Tuple[Optional[str], str, float]] = []
         self.lost = threading.Event()
 
     def __repr__(self) -> str:
@@ -215,7 +229,7 @@ class JobHandle:
 
     def record(self, stage: str, duration_ms: float) -> None:
         """Add a stage timing (milliseconds) to write with the completion."""
-        self.timings.append((str(uuid.uuid4()), stage, float(duration_ms)))
+        self.timings.append((None, stage, float(duration_ms)))
 
     @contextlib.contextmanager
     def timer(self, stage: str) -> Iterator[None]:
@@ -249,8 +263,12 @@ class _Heartbeater:
         self._thread: Optional[threading.Thread] = None
 
     def add(self, handle: JobHandle) -> None:
+        self.add_many((handle,))
+
+    def add_many(self, handles: Iterable[JobHandle]) -> None:
         with self._cond:
-            self._held[handle] = None
+            for handle in handles:
+                self._held[handle] = None
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="pgaccess-heartbeat", daemon=True
@@ -260,6 +278,11 @@ class _Heartbeater:
     def discard(self, handle: JobHandle) -> None:
         with self._cond:
             self._held.pop(handle, None)
+
+    def discard_many(self, handles: Iterable[JobHandle]) -> None:
+        with self._cond:
+            for handle in handles:
+                self._held.pop(handle, None)
 
     def _run(self) -> None:
         while True:
@@ -440,18 +463,17 @@ class VideoJobs:
 
         Highest priority first, then the oldest. The jobs become ``processing``,
         held by ``worker_id``, with ``attempts`` counted; one statement, and no job
-        is ever held by two workers. Returns ``[]`` when nothing is due. Not retried:
-        if the connection dies while it runs (``CommitOutcomeUnknown``), jobs it
-        may have claimed stay ``processing`` until ``reclaim_stale`` returns them.
+        is ever held by two workers. Returns ``[]`` when nothing is due. A row has
+        the columns of ``queries.CLAIMED_COLUMNS``, not every column of the table.
+        Not retried: if the connection dies while it runs (``CommitOutcomeUnknown``),
+        jobs it may have claimed stay ``processing`` until ``reclaim_stale`` returns
+        them.
         """
         if not isinstance(worker_id, str) or not worker_id:
             raise InvalidQuery("claim: worker_id must be a non-empty string")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidQuery(f"claim: limit must be a positive int, got {limit!r}")
-        rows = self.db.execute(Q.CLAIM, {"limit": limit, "worker": worker_id})
-        # RETURNING comes in no particular order; give the caller the claim order.
-        rows.sort(key=lambda r: (-r["priority"], r["created_at"], r["id"]))
-        return rows
+        return self.db.execute(Q.CLAIM, {"limit": limit, "worker": worker_id})
 
     # -------------------------------------------------- a held job's updates
     def _held_update(
@@ -513,9 +535,7 @@ class VideoJobs:
         whose first attempt landed is a no-op. Raises ``JobLost`` when the worker
         no longer holds the job.
         """
-        timings = [
-            (str(uuid.uuid4()), s, float(ms)) for s, ms in (metrics or {}).items()
-        ]
+        timings = [(None, s, float(ms)) for s, ms in (metrics or {}).items()]
         self._complete(job_id, worker_id, output_path, highlights or (), timings)
 
     def _complete(
@@ -524,7 +544,7 @@ class VideoJobs:
         worker_id: str,
         output_path: Optional[str],
         highlights: Iterable[Mapping[str, Any]],
-        timings: Sequence[Tuple[str, str, float]],
+        timings: Sequence[Tuple[Optional[str], str, float]],
     ) -> None:
         starts, ends, scores, labels = highlight_columns(highlights)
         params = {
@@ -605,7 +625,7 @@ class VideoJobs:
             yield handle
         except Exception as exc:
             self._heartbeats.discard(handle)
-            self._fail_quietly(handle, exc)
+            self.fail_quietly(handle, exc)
             raise
         except BaseException:
             self._heartbeats.discard(handle)
@@ -624,10 +644,10 @@ class VideoJobs:
         except JobLost:
             raise
         except Exception as exc:
-            self._fail_quietly(handle, exc, "could not complete: ")
+            self.fail_quietly(handle, exc, "could not complete: ")
             raise
 
-    def _fail_quietly(
+    def fail_quietly(
         self, handle: JobHandle, exc: BaseException, prefix: str = ""
     ) -> None:
         """Fail the job after ``exc``; never hide ``exc`` behind a new error."""
@@ -641,6 +661,150 @@ class VideoJobs:
                 handle.id,
                 exc_info=True,
             )
+
+    # ----------------------------------------------- batches (for Worker)
+    def hold(self, handles: Iterable[JobHandle]) -> None:
+        """Keep the heartbeat of claimed jobs fresh until they are completed, failed,
+        released or ``unhold``: a job claimed in a batch is held before it starts."""
+        self._heartbeats.add_many(handles)
+
+    def unhold(self, handles: Iterable[JobHandle]) -> None:
+        """Stop the heartbeat of these jobs (``reclaim_stale`` will return them)."""
+        self._heartbeats.discard_many(handles)
+
+    def complete_many(self, handles: Sequence[JobHandle]) -> Completions:
+        """Complete held jobs of one worker, each with what its handle holds; one
+        statement for all of them.
+
+        Each job is completed with its highlights, output path and timings or not at
+        all, as ``complete`` does it; the statement is retried by ``RETRY`` (a retry
+        whose first attempt landed finds the jobs completed by this worker: done).
+        A job no longer held comes back in ``lost`` (its ``JobLost``); the others are
+        unaffected. When the server refuses the statement for what a job carries
+        (a highlight violating a constraint: ``IntegrityError``/``DataError``), each
+        job is completed on its own, so only the bad one fails: it is failed with
+        ``"could not complete: ..."`` and comes back in ``refused``. Their heartbeat
+        stops either way. Raises ``DatabaseError`` when the statement could not be
+        run (the database unreachable after the retries): the jobs stay
+        ``processing`` until ``reclaim_stale`` returns them.
+        """
+        if not handles:
+            return Completions([], [], [])
+        worker_id = handles[0].worker_id
+        if any(h.worker_id != worker_id for h in handles):
+            raise InvalidQuery("complete_many: the jobs of one worker at a time")
+        refused: List[Tuple[int, DatabaseError]] = []
+        ids: List[int] = []
+        paths: List[Optional[str]] = []
+        hl_jobs: List[int] = []
+        starts: List[float] = []
+        ends: List[float] = []
+        scores: List[float] = []
+        labels: List[Optional[str]] = []
+        m_jobs: List[int] = []
+        stages: List[str] = []
+        durations: List[float] = []
+        ready: List[JobHandle] = []
+        try:
+            for h in handles:
+                job_id = h.id
+                if h.highlights:
+                    try:
+                        cols = highlight_columns(h.highlights)
+                    except InvalidQuery as exc:
+                        self.fail_quietly(h, exc, "could not complete: ")
+                        refused.append((job_id, exc))
+                        continue
+                    hl_jobs.extend([job_id] * len(cols[0]))
+                    starts.extend(cols[0])
+                    ends.extend(cols[1])
+                    scores.extend(cols[2])
+                    labels.extend(cols[3])
+                for _, stage, ms in h.timings:
+                    m_jobs.append(job_id)
+                    stages.append(stage)
+                    durations.append(ms)
+                ids.append(job_id)
+                paths.append(h.output_path)
+                ready.append(h)
+            if not ready:
+                return Completions([], [], refused)
+            params = {
+                "worker": worker_id,
+                "ids": ids,
+                "output_paths": paths,
+                "hl_jobs": hl_jobs,
+                "starts": starts,
+                "ends": ends,
+                "scores": scores,
+                "labels": labels,
+                "m_jobs": m_jobs,
+                "stages": stages,
+                "durations": durations,
+            }
+            try:
+                rows = self._write(Q.COMPLETE_MANY, params)
+            except (IntegrityError, DataError):
+                # A constraint refused what some job carries: single it out.
+                if len(ready) > 1:
+                    logger.info(
+                        "a batch of %d completions was refused; completing them "
+                        "one by one",
+                        len(ready),
+                    )
+                return self._complete_each(ready, refused)
+            done = [r["id"] for r in rows]
+            lost: List[JobLost] = []
+            if len(done) < len(ready):
+                done_set = set(done)
+                missing = [h.id for h in ready if h.id not in done_set]
+                states = self.db.execute(Q.JOB_STATES, {"ids": missing})
+                by_id = {r["id"]: r for r in states}
+                for job_id in missing:
+                    state = by_id.get(job_id)
+                    status = state["status"] if state else None
+                    holder = state["locked_by"] if state else None
+                    if status == "completed" and holder == worker_id:
+                        logger.debug("complete of job %d was already applied", job_id)
+                        done.append(job_id)
+                    else:
+                        lost.append(
+                            JobLost(job_id, worker_id, "complete", status, holder)
+                        )
+            return Completions(done, lost, refused)
+        finally:
+            self._heartbeats.discard_many(handles)
+
+    def _complete_each(
+        self, handles: Sequence[JobHandle], refused: List[Tuple[int, DatabaseError]]
+    ) -> Completions:
+        done: List[int] = []
+        lost: List[JobLost] = []
+        for h in handles:
+            try:
+                self._complete(
+                    h.id, h.worker_id, h.output_path, h.highlights, h.timings
+                )
+            except JobLost as exc:
+                lost.append(exc)
+            except (IntegrityError, DataError) as exc:
+                self.fail_quietly(h, exc, "could not complete: ")
+                refused.append((h.id, exc))
+            else:
+                done.append(h.id)
+        return Completions(done, lost, refused)
+
+    def release_many(self, handles: Sequence[JobHandle]) -> List[int]:
+        """Give held jobs of one worker back to the queue, attempts not counted; one
+        statement. Returns the ids released: a job no longer held is left alone."""
+        if not handles:
+            return []
+        self._heartbeats.discard_many(handles)
+        worker_id = handles[0].worker_id
+        rows = self._write(
+            Q.RELEASE_MANY, {"ids": [h.id for h in handles], "worker": worker_id}
+        )
+        return [r["id"] for r in rows]
 
     # -------------------------------------------------------- maintenance
     def reclaim_stale(self, older_than: Duration) -> int:

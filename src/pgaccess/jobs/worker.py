@@ -1,4 +1,5 @@
-"""``Worker``: threads that claim jobs, run a handler on each, record the outcome."""
+"""``Worker``: threads that claim jobs in batches, run a handler on each, record the
+outcomes in batches, and wake on NOTIFY when the queue was empty."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from time import perf_counter
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from ..database import Database
-from ..errors import DatabaseError, OperationalError
-from .queue import Duration, JobHandle, JobLost, VideoJobs, error_text, seconds
+from ..errors import DatabaseError
+from . import queries as Q
+from .listener import Listener, Wakeup
+from .queue import Duration, JobHandle, VideoJobs, error_text, seconds
 
 __all__ = ["Handler", "Worker"]
 
@@ -22,28 +25,66 @@ logger = logging.getLogger("pgaccess.jobs.worker")
 #: and label), ``output_path`` and ``metrics`` (stage name -> milliseconds).
 Handler = Callable[[Dict[str, Any]], Any]
 
+_COUNTS = (
+    "claimed",
+    "completed",
+    "failed",
+    "lost",
+    "released",
+    "errors",
+    "empty_claims",
+)
+
 
 # ----------------------------------------------------------------- worker
 class Worker:
     """Threads that claim jobs, run ``handler`` on each, and record the outcome.
 
-    ``handler(job_row) -> result`` runs inside ``VideoJobs.processing()``: its result
-    (None, or a mapping with ``highlights``, ``output_path`` and ``metrics``) is
-    written with the completion, with the worker's own ``claim`` and ``handler``
-    stage timings; an exception fails the job (retried later with backoff). When
-    the queue is empty a thread waits, ``idle_min`` doubling up to ``idle_max``.
+    ``handler(job_row) -> result``: ``job_row`` is the claimed row (the columns of
+    ``queries.CLAIMED_COLUMNS``); the result (None, or a mapping with
+    ``highlights``, ``output_path`` and ``metrics``) is written with the job's
+    completion, with the worker's ``handler`` stage timing; an exception fails that
+    job alone (retried later with backoff).
+
+    Batches: a thread claims up to N due jobs in one statement and runs them one by
+    one. N starts at 1, doubles after a full batch up to ``CLAIM_BATCH_MAX``, falls
+    to what came after a short one, and stays below ``BATCH_SECONDS`` of handler
+    time: a deep queue is drained in batches, a short one (or slow handlers) one job
+    at a time, spread over threads and hosts. Jobs claimed and not yet started are
+    held (heartbeated). Completions are written in one statement per batch (or
+    sooner, when waiting for the next handler would keep one pending longer than
+    ``FLUSH_AFTER``), and counted only once that statement returned: a job is
+    durable before it counts as done. A crash before that re-runs those jobs after
+    ``reclaim_stale`` (at least once, as for a crash mid-job); a completion never
+    lands twice.
+
+    Idle threads wait for a notification (the schema's insert trigger NOTIFYs, and
+    a listener on a dedicated connection, from the pool's DSN or ``listen_dsn=``,
+    wakes as many threads as there are new jobs), and poll meanwhile: ``idle_min``
+    doubling up to ``idle_max`` (at most 1 s by default), which bounds how late a
+    job starts when the listener is down, and finds jobs due later.
+    ``listen=False``: polling only.
 
     ``run()`` blocks until ``stop()`` (or the given event); ``start()``/``stop()``/
     ``join()`` run it in the background. On stop, each thread finishes the job in
-    hand and claims no more. Thread ids are ``"{worker_id}-{n}"``. The threads are
-    daemons: a process that exits without stopping them leaves their jobs
-    ``processing`` until ``reclaim_stale`` (run every ``RECLAIM_INTERVAL`` when
-    ``reclaim_after`` is given) returns them.
+    hand, writes the completions pending, and gives the jobs it claimed but did not
+    start back to the queue (their attempt not counted). Thread ids are
+    ``"{worker_id}-{n}"``. The threads are daemons: a process that exits without
+    stopping them leaves their jobs ``processing`` until ``reclaim_stale`` (run every
+    ``RECLAIM_INTERVAL`` when ``reclaim_after`` is given) returns them.
+    ``purge_after``: delete jobs finished that long ago, every ``PURGE_INTERVAL``.
     """
 
     IDLE_MIN: float = 0.05
-    IDLE_MAX: float = 2.0
+    IDLE_MAX: float = 1.0
     RECLAIM_INTERVAL: float = 30.0
+    PURGE_INTERVAL: float = 300.0
+    #: The most jobs a thread claims in one statement.
+    CLAIM_BATCH_MAX: int = 64
+    #: A batch is kept below this many seconds of handler time (by its running mean).
+    BATCH_SECONDS: float = 0.5
+    #: The longest a finished job's completion waits for others to share a statement.
+    FLUSH_AFTER: float = 0.005
 
     def __init__(
         self,
@@ -57,6 +98,9 @@ class Worker:
         idle_min: Optional[float] = None,
         idle_max: Optional[float] = None,
         reclaim_after: Optional[Duration] = None,
+        purge_after: Optional[Duration] = None,
+        listen: bool = True,
+        listen_dsn: Optional[str] = None,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -66,17 +110,24 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.jobs = jobs if jobs is not None else VideoJobs(db)
         self.record_metrics = record_metrics
-        self.idle_min = self.IDLE_MIN if idle_min is None else idle_min
         self.idle_max = self.IDLE_MAX if idle_max is None else idle_max
+        self.idle_min = min(
+            self.IDLE_MIN if idle_min is None else idle_min, self.idle_max
+        )
         self.reclaim_after = (
             None if reclaim_after is None else seconds(reclaim_after, "reclaim_after")
         )
+        self.purge_after = (
+            None if purge_after is None else seconds(purge_after, "purge_after")
+        )
+        self.listen = listen
+        self.listen_dsn = listen_dsn
+        self.listener: Optional[Listener] = None
+        self._wakeup = Wakeup()
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self._lock = threading.Lock()
-        self._counts: Dict[str, int] = dict.fromkeys(
-            ("claimed", "completed", "failed", "lost", "errors"), 0
-        )
+        self._counts: Dict[str, int] = dict.fromkeys(_COUNTS, 0)
 
     def __repr__(self) -> str:
         return f"<Worker {self.worker_id!r} threads={self.threads}>"
@@ -86,6 +137,17 @@ class Worker:
         """Start the threads and return. Raises RuntimeError if already started."""
         if self._threads:
             raise RuntimeError(f"{self!r} was already started")
+        if self.listen:
+            dsn = self.listen_dsn
+            if dsn is None:
+                dsn = self.db.pool.settings.dsn
+            self.listener = Listener(
+                dsn,
+                Q.CHANNEL,
+                self._wakeup.wake,
+                name="pgaccess-worker-listener",
+            )
+            self.listener.start()
         for n in range(1, self.threads + 1):
             thread = threading.Thread(
                 target=self._loop,
@@ -95,11 +157,20 @@ class Worker:
             )
             self._threads.append(thread)
             thread.start()
+        if self.reclaim_after is not None or self.purge_after is not None:
+            thread = threading.Thread(
+                target=self._maintain, name="pgaccess-worker-maintenance", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
         logger.info("worker %s started with %d threads", self.worker_id, self.threads)
 
     def stop(self) -> None:
         """Ask the threads to stop after the job in hand; does not wait (see join)."""
         self._stop.set()
+        self._wakeup.close()
+        if self.listener is not None:
+            self.listener.stop()
 
     def join(self, timeout: Optional[float] = None) -> bool:
         """Wait for the threads to end; True if they all did within ``timeout``."""
@@ -107,12 +178,16 @@ class Worker:
         for thread in self._threads:
             left = None if deadline is None else max(deadline - perf_counter(), 0.0)
             thread.join(left)
+        if self.listener is not None and self._stop.is_set():
+            left = None if deadline is None else max(deadline - perf_counter(), 0.0)
+            self.listener.join(left)
         return not self.alive
 
     @property
     def alive(self) -> bool:
         """Whether any thread is still running."""
-        return any(t.is_alive() for t in self._threads)
+        listening = self.listener is not None and self.listener.alive
+        return listening or any(t.is_alive() for t in self._threads)
 
     @property
     def stopping(self) -> bool:
@@ -125,17 +200,10 @@ class Worker:
         Wakes twice a second, so signal handlers of the main thread run promptly.
         """
         self.start()
-        next_reclaim = perf_counter()
         try:
             while not self._stop.is_set() and not (
                 stop_event is not None and stop_event.is_set()
             ):
-                if self.reclaim_after is not None and perf_counter() >= next_reclaim:
-                    next_reclaim = perf_counter() + self.RECLAIM_INTERVAL
-                    try:
-                        self.jobs.reclaim_stale(self.reclaim_after)
-                    except DatabaseError as exc:
-                        logger.warning("reclaim_stale failed: %s", exc)
                 (stop_event or self._stop).wait(0.5)
         except BaseException:
             # KeyboardInterrupt (a second Ctrl-C): leave without waiting. The threads
@@ -147,56 +215,165 @@ class Worker:
         logger.info("worker %s stopped: %s", self.worker_id, self.stats())
 
     def stats(self) -> Dict[str, int]:
-        """This worker's counts: claimed, completed, failed, lost, errors."""
+        """This worker's counts: claimed, completed, failed, lost, released (given
+        back on stop), errors, and empty_claims (claims that found nothing)."""
         with self._lock:
             return dict(self._counts)
 
     # ------------------------------------------------------------ threads
-    def _count(self, what: str) -> None:
+    def _add(self, **counts: int) -> None:
         with self._lock:
-            self._counts[what] += 1
+            for what, n in counts.items():
+                self._counts[what] += n
+
+    def _maintain(self) -> None:
+        next_reclaim = next_purge = perf_counter()
+        while not self._stop.is_set():
+            now = perf_counter()
+            if self.reclaim_after is not None and now >= next_reclaim:
+                next_reclaim = now + self.RECLAIM_INTERVAL
+                try:
+                    self.jobs.reclaim_stale(self.reclaim_after)
+                except DatabaseError as exc:
+                    logger.warning("reclaim_stale failed: %s", exc)
+            if self.purge_after is not None and now >= next_purge:
+                next_purge = now + self.PURGE_INTERVAL
+                try:
+                    purged = self.jobs.purge(self.purge_after)
+                    if purged:
+                        logger.info("purged %d finished jobs", purged)
+                except DatabaseError as exc:
+                    logger.warning("purge failed: %s", exc)
+            self._stop.wait(0.5)
 
     def _loop(self, worker_id: str) -> None:
+        limit = 1
         delay = self.idle_min
+        mean = 0.0  # running mean of a handler's seconds
         while not self._stop.is_set():
-            if self._one(worker_id):
-                delay = self.idle_min
-                continue
-            # Nothing due, or the database is unwell: wait longer each time.
-            self._stop.wait(delay)
-            delay = min(delay * 2, self.idle_max)
-
-    def _one(self, worker_id: str) -> bool:
-        """Process one job; False when there was none or the database failed."""
-        phase = "claim"
-        t0 = perf_counter()
-        try:
-            with self.jobs.processing(worker_id) as job:
-                if job is None:
-                    return False
-                self._count("claimed")
-                phase = "handler"
-                t1 = perf_counter()
-                result = self.handler(dict(job.row))
-                if self.record_metrics:
-                    job.record("claim", (t1 - t0) * 1000.0)
-                    job.record("handler", (perf_counter() - t1) * 1000.0)
-                _apply_result(job, result)
-            self._count("completed")
-            return True
-        except JobLost as exc:
-            self._count("lost")
-            logger.warning("%s", exc)
-            return True
-        except Exception as exc:
-            if phase == "claim":
-                self._count("errors")
+            seen = self._wakeup.generation
+            try:
+                rows = self.jobs.claim(worker_id, limit=limit)
+            except Exception as exc:
+                self._add(errors=1)
                 logger.warning("%s could not claim a job: %s", worker_id, exc)
-                return False
-            # processing() has failed the job (or left it to reclaim_stale).
-            self._count("failed")
-            logger.warning("%s: a job failed: %s", worker_id, error_text(exc))
-            return not isinstance(exc, OperationalError)
+                rows = []
+            if not rows:
+                # Nothing due, or the database is unwell: wait for a notification,
+                # polling ever less often.
+                limit = 1
+                self._add(empty_claims=1)
+                if self._wakeup.wait(delay, seen):
+                    delay = self.idle_min
+                else:
+                    delay = min(delay * 2, self.idle_max)
+                continue
+            delay = self.idle_min
+            got = len(rows)
+            handles = [JobHandle(row, worker_id) for row in rows]
+            self.jobs.hold(handles)
+            self._add(claimed=got)
+            try:
+                mean = self._batch(worker_id, handles, mean)
+            except Exception:  # a bug, not a job's failure: keep the thread alive
+                self._add(errors=1)
+                logger.exception("%s: a batch of %d jobs broke off", worker_id, got)
+            # The next batch: twice as many after a full one, what came after a short
+            # one, and no more than BATCH_SECONDS of handler time.
+            limit = min(limit * 2, self.CLAIM_BATCH_MAX) if got >= limit else got
+            if mean > 0:
+                limit = max(1, min(limit, int(self.BATCH_SECONDS / mean)))
+
+    def _batch(self, worker_id: str, handles: List[JobHandle], mean: float) -> float:
+        """Run the handler on each claimed job, write the completions; the new
+        running mean of handler seconds."""
+        pending: List[JobHandle] = []
+        oldest = 0.0
+        i = 0
+        try:
+            for i, job in enumerate(handles):  # noqa: B007 (read in finally)
+                if self._stop.is_set():
+                    break
+                if pending and perf_counter() + mean - oldest > self.FLUSH_AFTER:
+                    self._flush(pending)
+                if job.lost.is_set():  # the heartbeat found it gone before it started
+                    self.jobs.unhold((job,))
+                    self._add(lost=1)
+                    continue
+                t0 = perf_counter()
+                try:
+                    result = self.handler(dict(job.row))
+                    _apply_result(job, result)
+                except Exception as exc:
+                    mean = _update_mean(mean, perf_counter() - t0)
+                    self.jobs.unhold((job,))
+                    self._add(failed=1)
+                    logger.warning(
+                        "%s: job %d failed: %s", worker_id, job.id, error_text(exc)
+                    )
+                    self.jobs.fail_quietly(job, exc)
+                    continue
+                t1 = perf_counter()
+                mean = _update_mean(mean, t1 - t0)
+                if self.record_metrics:
+                    job.record("handler", (t1 - t0) * 1000.0)
+                if not pending:
+                    oldest = t1
+                pending.append(job)
+            else:
+                i = len(handles)
+        finally:
+            # Also on a KeyboardInterrupt in a handler: what finished is written,
+            # what did not start (and the job in hand) goes back to the queue.
+            self._flush(pending)
+            self._release(handles[i:])
+        return mean
+
+    def _flush(self, pending: List[JobHandle]) -> None:
+        if not pending:
+            return
+        batch = list(pending)
+        pending.clear()
+        try:
+            outcome = self.jobs.complete_many(batch)
+        except DatabaseError as exc:
+            self._add(errors=len(batch))
+            logger.warning(
+                "could not record the completion of %d jobs; reclaim_stale will "
+                "return them: %s",
+                len(batch),
+                exc,
+            )
+            return
+        for lost in outcome.lost:
+            logger.warning("%s", lost)
+        for job_id, refusal in outcome.refused:
+            logger.warning(
+                "job %d could not be completed: %s", job_id, error_text(refusal)
+            )
+        self._add(
+            completed=len(outcome.completed),
+            lost=len(outcome.lost),
+            failed=len(outcome.refused),
+        )
+
+    def _release(self, handles: List[JobHandle]) -> None:
+        if not handles:
+            return
+        try:
+            released = self.jobs.release_many(handles)
+        except DatabaseError as exc:
+            logger.warning(
+                "could not give %d unstarted jobs back; reclaim_stale will: %s",
+                len(handles),
+                exc,
+            )
+            return
+        self._add(released=len(released))
+
+
+def _update_mean(mean: float, value: float) -> float:
+    return value if mean == 0.0 else 0.8 * mean + 0.2 * value
 
 
 def _apply_result(job: JobHandle, result: Any) -> None:
