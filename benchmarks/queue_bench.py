@@ -1267,7 +1267,35 @@ def write(
         md += [f"**{title}**", "", render_md(headers, rows), ""]
     md += [f"- {n}" for n in extra]
     write_atomic(out / "latest.md", ("\n".join(md) + "\n").encode())
-    log(f"wrote {out / 'latest.json'}, {out / 'latest.md'}")
+    chart(result, out / "drain.png")
+    log(f"wrote {out / 'latest.json'}, {out / 'latest.md'}, {out / 'drain.png'}")
+
+
+def chart(result: Dict[str, Any], path: Path) -> None:
+    """Drain rate per system and thread count, as grouped bars (``drain.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in result["drain"] if c.get("drain_s")]
+    systems = list(dict.fromkeys(c["system"] for c in cells))
+    threads = sorted({c["threads"] for c in cells})
+    rate = {(c["system"], c["threads"]): c["jobs"] / c["drain_s"] for c in cells}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        xs = [t + (i - (len(systems) - 1) / 2) * width for t in range(len(threads))]
+        ax.bar(xs, [rate.get((system, t), 0) for t in threads], width, label=system)
+    ax.set_xticks(
+        range(len(threads)), [f"{t} thread{'s' if t > 1 else ''}" for t in threads]
+    )
+    ax.set_ylabel("jobs/s (no-op handler)")
+    ax.set_title(f"Draining 10,000 jobs, {result['meta']['date'][:10]}, 2 cores")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
