@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 from support.faultproxy import FaultProxy
@@ -21,16 +21,6 @@ from pgaccess.jobs import queries as Q
 from pgaccess.jobs.listener import Listener, Wakeup
 
 NEVER = 30.0  # idle_min = idle_max: a worker that (practically) never polls
-
-
-@pytest.fixture
-def running() -> Iterator[List[Worker]]:
-    workers: List[Worker] = []
-    yield workers
-    for w in workers:
-        w.stop()
-    for w in workers:
-        assert w.join(15), "a worker did not stop"
 
 
 class Starts:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 from support.faultproxy import FaultProxy
@@ -67,17 +67,6 @@ def jobs(db: Database) -> RecordingJobs:
     queue = RecordingJobs(db)
     queue.BACKOFF_BASE = 0.0
     return queue
-
-
-@pytest.fixture
-def running() -> Iterator[List[Worker]]:
-    """Workers a test starts; stopped and joined at its end whatever happens."""
-    workers: List[Worker] = []
-    yield workers
-    for w in workers:
-        w.stop()
-    for w in workers:
-        assert w.join(15), "a worker did not stop"
 
 
 def start(running: List[Worker], worker: Worker) -> Worker:

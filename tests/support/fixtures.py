@@ -1,6 +1,7 @@
 """pytest fixtures shared by the fault tests: a FaultProxy in front of this worker's
 database, the DSN through it, a ``Database`` on a pool of its own through it, and
-scratch tables made and dropped per test.
+scratch tables made and dropped per test; and ``running``, the Workers a test starts,
+stopped and joined at its end.
 
 Enabled in ``tests/conftest.py`` (``pytest_plugins``). The proxy targets the server
 the session tests against (see ``pgaccess.testing``):
@@ -25,7 +26,7 @@ import psycopg2.extensions
 import pytest
 from psycopg2 import sql
 
-from pgaccess import Database
+from pgaccess import Database, Worker
 from pgaccess.testing import TestServer
 from support.faultproxy import FaultProxy
 
@@ -34,6 +35,7 @@ __all__ = [
     "make_fault_proxy",
     "proxy_db",
     "proxy_dsn",
+    "running",
     "scratch_table",
 ]
 
@@ -132,3 +134,14 @@ def scratch_table(pgaccess_dsn: str) -> Iterator[Callable[..., str]]:
     yield make
     for name in made:
         execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def running() -> Iterator[List[Worker]]:
+    """Workers a test starts; stopped and joined at its end whatever happens."""
+    workers: List[Worker] = []
+    yield workers
+    for w in workers:
+        w.stop()
+    for w in workers:
+        assert w.join(15), "a worker did not stop"
