@@ -3,7 +3,8 @@
 - :class:`VideoJobs`: enqueue, claim (``FOR NO KEY UPDATE SKIP LOCKED``), heartbeat,
   complete, fail with exponential backoff, reclaim stale jobs, retry, cancel, purge,
   and queue statistics. ``with jobs.processing(worker_id) as job:`` is the lifecycle
-  in one block: claimed, kept alive, completed or failed, never forgotten.
+  in one block: claimed, kept alive, completed or failed, never forgotten; on a deep
+  queue its claims are batched per worker id (see ``processing``).
 - :class:`Highlights` and :class:`Metrics`: idempotent writers and server-side
   summaries of the ``highlight`` and ``processing_metrics`` tables.
 - :class:`Worker`: the long-running loop of ``pgaccess worker`` and ``pgaccess demo``:
@@ -31,6 +32,7 @@ Job states::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import logging
@@ -39,6 +41,7 @@ import weakref
 from time import perf_counter
 from typing import (
     Any,
+    Deque,
     Dict,
     Iterable,
     Iterator,
@@ -323,12 +326,228 @@ class _Heartbeater:
 _heartbeaters: weakref.WeakSet[_Heartbeater] = weakref.WeakSet()
 
 
-def _forget_heartbeats_in_child() -> None:
+class _Buffer:
+    """The jobs one worker id claimed ahead for its next ``processing()`` calls.
+
+    ``lock`` is held by whoever takes from, fills or empties ``handles``: a
+    ``processing()`` call (for its take, and for the claim when the buffer is
+    empty), the expiry timer and ``release_prefetched``; never across a block.
+    """
+
+    __slots__ = ("dead", "deadline", "handles", "last", "limit", "lock", "mean")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.handles: Deque[JobHandle] = collections.deque()
+        self.deadline = 0.0  # perf_counter time by which the buffered jobs go back
+        self.limit = 1  # the next claim's size
+        self.mean = 0.0  # running mean of seconds from one take to the next
+        self.last: Optional[float] = None  # when the last take yielded a job
+        # Set (under lock) when the buffer left the registry: a caller that fetched
+        # it just before must fetch again, or its jobs would be out of the timer's
+        # sight.
+        self.dead = False
+
+
+class _Prefetcher:
+    """The per-worker-id buffers of ``VideoJobs.processing()``, and their timer.
+
+    A deep queue is claimed in batches, one job per ``processing()`` call taken from
+    the buffer; a job left in a buffer longer than ``PREFETCH_HOLD`` is given back by
+    a daemon thread, which starts with the first buffered job and ends when none is
+    left (an idle ``VideoJobs`` runs no thread for it).
+    """
+
+    #: Above this many worker ids, the empty buffers are dropped (worker ids made
+    #: per call would otherwise keep one each for ever).
+    KEEP = 64
+
+    def __init__(self, jobs: VideoJobs) -> None:
+        self._jobs = jobs
+        self._forget()
+        _prefetchers.add(self)
+
+    def _forget(self) -> None:
+        """Start afresh: at creation, and in a forked child, whose parent holds the
+        buffered jobs (the child must not yield them) and whose locks may have been
+        copied held."""
+        self._cond = threading.Condition(threading.Lock())
+        self._buffers: Dict[str, _Buffer] = {}
+        self._thread: Optional[threading.Thread] = None
+
+    def _locked(self, worker_id: str) -> _Buffer:
+        """The buffer of ``worker_id``, its lock held by the caller."""
+        while True:
+            with self._cond:
+                buf = self._buffers.get(worker_id)
+                if buf is None:
+                    if len(self._buffers) >= self.KEEP:
+                        self._drop_empty()
+                    buf = self._buffers[worker_id] = _Buffer()
+            # Not under the registry's lock: a claim of one worker id must not hold
+            # up the others.
+            buf.lock.acquire()
+            if not buf.dead:
+                return buf
+            buf.lock.release()
+
+    def _drop_empty(self) -> None:
+        """Drop the empty buffers no one is using (under the registry's lock)."""
+        for worker_id, buf in list(self._buffers.items()):
+            if buf.lock.acquire(blocking=False):
+                try:
+                    if not buf.handles:
+                        buf.dead = True
+                        del self._buffers[worker_id]
+                finally:
+                    buf.lock.release()
+
+    def take(self, worker_id: str) -> Optional[JobHandle]:
+        """The next job for a ``processing()`` block of ``worker_id``, held and
+        heartbeated; None when none is due. Claims a batch when the buffer is empty.
+        """
+        jobs = self._jobs
+        buf = self._locked(worker_id)
+        try:
+            now = perf_counter()
+            if buf.last is not None:
+                # From one take to the next: the block and whatever the caller does
+                # between blocks, so the buffer is sized by how fast it is emptied.
+                cycle = now - buf.last
+                buf.mean = cycle if buf.mean == 0.0 else 0.8 * buf.mean + 0.2 * cycle
+            while buf.handles:
+                handle = buf.handles.popleft()
+                if handle.lost.is_set():  # reclaimed or cancelled while it waited
+                    continue
+                buf.last = now
+                return handle
+            # The Worker's rule: twice as many after a full batch, what came after a
+            # short one; and no more than this worker id starts within half of
+            # PREFETCH_HOLD, so a job waits in the buffer well under that.
+            limit = max(1, min(buf.limit, jobs.PREFETCH_MAX))
+            if buf.mean > 0.0:
+                fits = int(jobs.PREFETCH_HOLD / 2 / buf.mean)
+                limit = max(1, min(limit, fits))
+            rows = jobs.claim(worker_id, limit=limit)
+            if not rows:
+                buf.limit, buf.last = 1, None
+                return None
+            got = len(rows)
+            buf.limit = min(limit * 2, jobs.PREFETCH_MAX) if got >= limit else got
+            handles = [JobHandle(row, worker_id) for row in rows]
+            # All of them, the block's job too: the block's exit stops its heartbeat.
+            jobs.hold(handles)
+            buf.last = now
+            if got > 1:
+                buf.handles.extend(handles[1:])
+                buf.deadline = perf_counter() + jobs.PREFETCH_HOLD
+                self._wake()
+            return handles[0]
+        finally:
+            buf.lock.release()
+
+    def release(self, worker_id: Optional[str] = None) -> int:
+        """Give the buffered jobs of ``worker_id`` (or of every worker id) back to
+        the queue now; return how many went back."""
+        with self._cond:
+            if worker_id is None:
+                buffers = list(self._buffers.values())
+            else:
+                found = self._buffers.get(worker_id)
+                buffers = [] if found is None else [found]
+        released = 0
+        for buf in buffers:
+            with buf.lock:
+                released += self._give_back(buf)
+        return released
+
+    def _give_back(self, buf: _Buffer) -> int:
+        """Release the jobs of ``buf`` (its lock held); how many went back. Under
+        the lock, so a ``processing()`` call of the same worker id that claims next
+        can find them queued again."""
+        handles = list(buf.handles)
+        buf.handles.clear()
+        # They were not needed in time: claim ahead again only once a full batch
+        # shows a deep queue again.
+        buf.limit = 1
+        if not handles:
+            return 0
+        try:
+            return len(self._jobs.release_many(handles))
+        except DatabaseError as exc:
+            logger.warning(
+                "could not give %d prefetched jobs back; reclaim_stale will: %s",
+                len(handles),
+                exc,
+            )
+            return 0
+
+    def _wake(self) -> None:
+        """A buffer was filled: have the timer thread see its deadline."""
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="pgaccess-prefetch", daemon=True
+                )
+                self._thread.start()
+            else:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            while self._expire():
+                pass
+        except Exception:  # a bug: let the next filled buffer start a new thread
+            logger.exception("the prefetch timer broke off")
+            with self._cond:
+                self._thread = None
+
+    def _expire(self) -> bool:
+        """Wait for the first deadline and give back the jobs past theirs; False
+        (and the thread forgotten) when no buffer holds a job."""
+        with self._cond:
+            # Read without the buffers' locks: a buffer filled after this look
+            # wakes the thread (_wake), or starts a new one once it is forgotten.
+            waiting = [b for b in self._buffers.values() if b.handles]
+            if not waiting:
+                self._thread = None  # under the lock: _wake starts a new one
+                return False
+            now = perf_counter()
+            due = [b for b in waiting if b.deadline <= now]
+            if not due:
+                self._cond.wait(timeout=min(b.deadline for b in waiting) - now)
+                return True
+        busy = False
+        for buf in due:
+            # A processing() call holding the lock is taking from this buffer (its
+            # jobs are in sight) or claiming into an empty one: look again shortly
+            # rather than wait for its statement.
+            if not buf.lock.acquire(blocking=False):
+                busy = True
+                continue
+            try:
+                if buf.handles and buf.deadline <= perf_counter():
+                    n = self._give_back(buf)
+                    logger.debug("gave %d unused prefetched jobs back", n)
+            finally:
+                buf.lock.release()
+        if busy:
+            with self._cond:
+                self._cond.wait(timeout=0.01)
+        return True
+
+
+_prefetchers: weakref.WeakSet[_Prefetcher] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
     for heartbeater in list(_heartbeaters):
         heartbeater._forget()
+    for prefetcher in list(_prefetchers):
+        prefetcher._forget()
 
 
-reinit_after_fork(_forget_heartbeats_in_child)
+reinit_after_fork(_forget_in_child)
 
 
 # ------------------------------------------------------------------ the queue
@@ -354,10 +573,17 @@ class VideoJobs:
     RETRY: RetryPolicy = RetryPolicy(
         max_attempts=5, delay=0.05, max_delay=1.0, retry_on=WRITE
     )
+    #: The most jobs ``processing()`` claims in one statement for a worker id; 1
+    #: claims one job per block.
+    PREFETCH_MAX: int = 16
+    #: The longest a job claimed ahead by ``processing()`` waits for a block, in
+    #: seconds; then it goes back to the queue, its attempt not counted.
+    PREFETCH_HOLD: float = 1.0
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self._heartbeats = _Heartbeater(self)
+        self._prefetch = _Prefetcher(self)
 
     def __repr__(self) -> str:
         return f"<VideoJobs on {self.db!r}>"
@@ -603,24 +829,41 @@ class VideoJobs:
 
     @contextlib.contextmanager
     def processing(self, worker_id: str) -> Iterator[Optional[JobHandle]]:
-        """``with jobs.processing(worker_id) as job:`` claims one job, sees it through.
+        """``with jobs.processing(worker_id) as job:`` takes one job, sees it through.
 
         Yields a :class:`JobHandle`, or None when no job is due (check for it).
         While the block runs, a background thread keeps the job's heartbeat fresh
         (every ``HEARTBEAT_INTERVAL`` seconds). A clean exit completes the job with
-        the highlights, output path and timings added to the handle (atomically);
-        an exception fails it with the exception's text and is re-raised;
-        ``KeyboardInterrupt``/``SystemExit`` release it back to the queue. If the
-        completion itself is refused (say a highlight violates a constraint), the
-        job is failed with that error and the error is raised. ``JobLost``
-        propagates when the job was taken away meanwhile.
+        the highlights, output path and timings added to the handle (atomically, and
+        durably before the block's exit returns); an exception fails it with the
+        exception's text and is re-raised; ``KeyboardInterrupt``/``SystemExit``
+        release it back to the queue, with the jobs claimed ahead for this worker
+        id. If the completion itself is refused (say a highlight violates a
+        constraint), the job is failed with that error and the error is raised.
+        ``JobLost`` propagates when the job was taken away meanwhile.
+
+        Claims ahead: on a deep queue, the job comes from a batch claimed in one
+        statement for this worker id (1 job, then twice as many after each full
+        batch, up to ``PREFETCH_MAX``; what came after a short batch; no more than
+        this worker id's blocks start within half of ``PREFETCH_HOLD``). The rest
+        wait for the next calls, held (heartbeated) by ``worker_id``; one that waits
+        longer than ``PREFETCH_HOLD`` seconds goes back to the queue, its attempt
+        not counted, from a background thread; one reclaimed or cancelled meanwhile
+        is skipped. A short queue is claimed one job at a time, so no job waits here
+        while another worker idles. ``release_prefetched()`` gives them back at
+        once: call it before closing the ``Database`` (or they wait for
+        ``reclaim_stale``).
+
+        Thread-safe: threads with different worker ids (the usual way) claim
+        independently; threads sharing a worker id share its batch, each job
+        yielded once.
         """
-        claimed = self.claim(worker_id, limit=1)
-        if not claimed:
+        if not isinstance(worker_id, str) or not worker_id:
+            raise InvalidQuery("processing: worker_id must be a non-empty string")
+        handle = self._prefetch.take(worker_id)
+        if handle is None:
             yield None
             return
-        handle = JobHandle(claimed[0], worker_id)
-        self._heartbeats.add(handle)
         try:
             yield handle
         except Exception as exc:
@@ -628,9 +871,12 @@ class VideoJobs:
             self.fail_quietly(handle, exc)
             raise
         except BaseException:
+            # The process is going away: nothing of this worker id's should wait
+            # for reclaim_stale. The jobs claimed ahead go first, under their lock.
             self._heartbeats.discard(handle)
             with contextlib.suppress(DatabaseError):  # reclaim_stale is the fallback
-                self.release(handle.id, worker_id)
+                self._prefetch.release(worker_id)
+                self.release_many([handle])
             raise
         self._heartbeats.discard(handle)
         try:
@@ -646,6 +892,14 @@ class VideoJobs:
         except Exception as exc:
             self.fail_quietly(handle, exc, "could not complete: ")
             raise
+
+    def release_prefetched(self, worker_id: Optional[str] = None) -> int:
+        """Give the jobs ``processing()`` claimed ahead for ``worker_id`` (None: for
+        every worker id) back to the queue now, attempts not counted; return how
+        many went back. Blocks while a ``processing()`` call of that worker id
+        claims. Raises nothing for the database: a job that could not be given back
+        is logged and left to ``reclaim_stale``."""
+        return self._prefetch.release(worker_id)
 
     def fail_quietly(
         self, handle: JobHandle, exc: BaseException, prefix: str = ""
