@@ -14,7 +14,7 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
-from test_worker import (
+from support.workers import (
     CLAIM_MARK,
     COMPLETE_ONE_MARK,
     RecordingJobs,
