@@ -67,7 +67,10 @@ def test_a_deep_queue_is_claimed_and_completed_in_batches(
     claims = statement_calls(db, CLAIM_MARK) - claims0
     completions = statement_calls(db, COMPLETE_MANY_MARK) - completes0
     assert claims <= 30, claims
-    assert completions <= len(sizes), completions  # one statement per batch
+    # One statement per batch, and more only when a completion would otherwise
+    # wait over FLUSH_AFTER (a loaded machine stalls a thread that long now and
+    # then): far fewer than one per job either way.
+    assert len(sizes) <= completions < n // 10, completions
     assert statement_calls(db, COMPLETE_ONE_MARK) == singles0
     assert statuses(db) == {"completed": n}
     # The worker's own timing went in with each completion, once.
