@@ -8,7 +8,6 @@ the open transaction instead.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, Dict, Optional, TypeVar, cast
 
 from .config import slow_query_ms_from_env
@@ -23,8 +22,6 @@ from .stats import Recorder, query_stats
 from .transaction import Transaction, TransactionBlock, current_transaction
 
 __all__ = ["Database"]
-
-logger = logging.getLogger("pgaccess.database")
 
 T = TypeVar("T")
 

@@ -31,7 +31,7 @@ import psycopg2.extras
 import pytest
 from support.blackhole import blackhole
 from support.blackhole import unavailable as blackhole_unavailable
-from support.dedicated import Dedicated, dedicated_server
+from support.dedicated import Dedicated, admin_query, dedicated_server
 from support.faultproxy import FaultProxy
 
 from pgaccess import (
@@ -80,18 +80,6 @@ def backend_pid(pool: ConnectionPool, timeout: Optional[float] = None) -> int:
     with pool.connection(timeout) as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_backend_pid()")
         return int(cur.fetchone()[0])
-
-
-def admin_query(dsn: str, statement: str, params: Any = None) -> List[Any]:
-    """One statement on a fresh plain connection (never one of a pool under test)."""
-    conn = psycopg2.connect(dsn)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(statement, params)
-            return cur.fetchall() if cur.description is not None else []
-    finally:
-        conn.close()
 
 
 def pgaccess_backends(dsn: str) -> Set[int]:

@@ -47,6 +47,18 @@ def _explained(action: Callable[..., Any], *args: Any) -> None:
         ) from exc
 
 
+def admin_query(dsn: str, statement: Any, params: Any = None) -> List[Any]:
+    """One statement on a fresh plain connection (never one of a pool under test)."""
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description is not None else []
+    finally:
+        conn.close()
+
+
 class Dedicated:
     """A started EmbeddedServer, plus helpers for databases and backends on it."""
 
@@ -93,14 +105,7 @@ class Dedicated:
 
     def execute(self, dbname: str, statement: Any, params: Any = None) -> List[Any]:
         """Run one statement on a fresh connection (not pgaccess's); return its rows."""
-        conn = psycopg2.connect(self.dsn(dbname))
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(statement, params)
-                return cur.fetchall() if cur.description is not None else []
-        finally:
-            conn.close()
+        return admin_query(self.dsn(dbname), statement, params)
 
     def backends(self, dbname: str, application_name: str = "pgaccess") -> List[int]:
         """The pids of the sessions of ``application_name`` on ``dbname``."""
