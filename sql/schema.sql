@@ -11,8 +11,7 @@ CREATE TABLE IF NOT EXISTS video_job (
     -- Nullable on purpose: the usage guide's transaction example enqueues a job with only
     -- src_hash and status. The jobs layer always sets it.
     input_path    text,
-    status        text        NOT NULL DEFAULT 'queued'
-                  CHECK (status IN ('queued', 'processing', 'completed', 'failed', 'cancelled')),
+    status        text        NOT NULL DEFAULT 'queued',
     priority      integer     NOT NULL DEFAULT 0,
     attempts      integer     NOT NULL DEFAULT 0 CHECK (attempts >= 0),
     max_attempts  integer     NOT NULL DEFAULT 3 CHECK (max_attempts >= 1),
@@ -24,7 +23,30 @@ CREATE TABLE IF NOT EXISTS video_job (
     output_path   text,
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
-    finished_at   timestamptz
+    finished_at   timestamptz,
+    -- Jobs in jobs (nested tracking, fan-out/fan-in). All nullable with no default, so
+    -- a plain queued job stores none of them (a bit each in the row's null bitmap).
+    -- The job this one is a child of; no foreign key: a child finishes before its
+    -- parent, and a key would cost a trigger per enqueued row.
+    parent_id     bigint,
+    -- "17.2.1": the parent's number, a dot, the child's index. NULL for a root job,
+    -- whose number is its id.
+    job_number    text,
+    -- The last child index handed out (children are numbered without gaps from it).
+    children_count   integer,
+    -- Spawned children not finished yet, while the job is 'waiting'; 0 once the last
+    -- one finished (the job's handler then sees children_done).
+    children_pending integer,
+    -- How many of them ended failed or cancelled.
+    children_failed  integer,
+    -- Complete the job, rather than queue it again, when its last child completed.
+    then_complete boolean,
+    -- At most video_job_concurrency.max_running jobs of a key are processing at once.
+    concurrency_key text,
+    -- 'waiting': a parent waiting for the children it spawned, or a spawned child
+    -- waiting for its parent's block to end (never claimed yet: attempts = 0).
+    CONSTRAINT video_job_status_check CHECK (
+        status IN ('queued', 'processing', 'completed', 'failed', 'cancelled', 'waiting'))
 );
 
 -- Serves claim(): "the highest priority, then the oldest, queued job". Partial, so it
@@ -37,6 +59,13 @@ CREATE INDEX IF NOT EXISTS video_job_queued_idx
 DROP INDEX IF EXISTS video_job_processing_idx;
 CREATE INDEX IF NOT EXISTS video_job_held_idx
     ON video_job (locked_by) WHERE status = 'processing';
+-- Serves children(), cancel()'s walk down a job tree and a block's open children.
+CREATE INDEX IF NOT EXISTS video_job_parent_idx
+    ON video_job (parent_id) WHERE parent_id IS NOT NULL;
+-- Serves the claim's count of a limited key's processing jobs.
+CREATE INDEX IF NOT EXISTS video_job_key_processing_idx
+    ON video_job (concurrency_key)
+    WHERE status = 'processing' AND concurrency_key IS NOT NULL;
 -- Serves purge() and the finished-per-minute figure of stats().
 CREATE INDEX IF NOT EXISTS video_job_finished_idx
     ON video_job (finished_at) WHERE finished_at IS NOT NULL;
@@ -83,6 +112,18 @@ ALTER TABLE video_job SET (
     autovacuum_analyze_scale_factor = 0.02,
     autovacuum_vacuum_cost_delay = 1,
     fillfactor = 90
+);
+
+-- Per-key concurrency limits (VideoJobs.set_concurrency): at most max_running jobs
+-- with that concurrency_key are processing at once, across every worker and host.
+-- Keys without a row are unlimited. A claim of a limited key locks its row and
+-- rewrites claimed_at, so claims of one key are serialized (see queries.CLAIM_LIMITED).
+CREATE TABLE IF NOT EXISTS video_job_concurrency (
+    concurrency_key text        PRIMARY KEY,
+    max_running     integer     NOT NULL,
+    claimed_at      timestamptz,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT video_job_concurrency_max_running_check CHECK (max_running >= 0)
 );
 
 CREATE TABLE IF NOT EXISTS highlight (

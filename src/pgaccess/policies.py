@@ -123,7 +123,12 @@ HIGHLIGHT = WritePolicy(
 PROCESSING_METRICS = WritePolicy(
     "processing_metrics", keys=[("op_id",), ("id",)], generated=("op_id", _new_op_id)
 )
-PIPELINE = WritePolicies(VIDEO_JOB, HIGHLIGHT, PROCESSING_METRICS)
+VIDEO_JOB_CONCURRENCY = WritePolicy(
+    "video_job_concurrency", keys=[("concurrency_key",)]
+)
+PIPELINE = WritePolicies(
+    VIDEO_JOB, HIGHLIGHT, PROCESSING_METRICS, VIDEO_JOB_CONCURRENCY
+)
 
 
 def conflict_target(policy: WritePolicy) -> str:

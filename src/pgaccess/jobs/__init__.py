@@ -1,8 +1,9 @@
 """The video pipeline's tables: the ``video_job`` queue, highlights and metrics.
 
 - ``queue.py``: :class:`VideoJobs` (enqueue, claim, heartbeat, complete, fail,
-  reclaim, retry, cancel, purge, statistics) and ``processing()``, the lifecycle of
-  one job in one block.
+  reclaim, retry, cancel, purge, statistics, concurrency limits) and
+  ``processing()``/``track()``, the lifecycle of one job in one block, nested jobs
+  and ``JobHandle.spawn`` (fan-out/fan-in).
 - ``writers.py``: :class:`Highlights` and :class:`Metrics`, idempotent writers and
   server-side summaries.
 - ``worker.py``: :class:`Worker`, the long-running loop of ``pgaccess worker``:
@@ -12,7 +13,7 @@
 - ``queries.py``: the SQL of all of them.
 """
 
-from .queue import Completions, Duration, JobHandle, JobLost, VideoJobs
+from .queue import Completions, Duration, JobBusy, JobHandle, JobLost, VideoJobs
 from .worker import Handler, Worker
 from .writers import Highlights, Metrics
 
@@ -21,6 +22,7 @@ __all__ = [
     "Duration",
     "Handler",
     "Highlights",
+    "JobBusy",
     "JobHandle",
     "JobLost",
     "Metrics",

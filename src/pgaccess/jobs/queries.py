@@ -30,19 +30,82 @@ CLAIMED_COLUMNS = (
     "max_attempts",
     "created_at",
     "error",
+    "parent_id",
+    "job_number",
 )
-_RETURNING = ", ".join(f"v.{c}" for c in CLAIMED_COLUMNS)
+# children_done: the job's spawned children have all finished (it was queued again
+# by the last one); NULL (no children ever waited for) reads as false.
+_RETURNING = ", ".join(f"v.{c}" for c in CLAIMED_COLUMNS) + (
+    ", v.children_pending = 0 AS children_done"
+)
+
+
+def fan_in(finished: str) -> str:
+    """The fan-in CTEs (``fan_lock``, ``fan``) for the children a statement finished.
+
+    ``finished`` is a SELECT of ``(parent_id, status)`` rows of jobs the statement
+    took to an end state (completed, failed for good, cancelled). Each waiting parent
+    among their parents loses that many pending children; the last one queues the
+    parent again (due now), or completes it when it said ``then_complete``, all its
+    children completed, and it has no parent of its own (whose fan-in its handler's
+    completion then does). Exactly once: the UPDATE of the parent row re-reads the
+    newest ``children_pending`` (a concurrent finisher's decrement committed first),
+    so only one statement sees it reach 0. The parents are locked in id order first,
+    so two batches finishing children of the same parents do not deadlock.
+    With no parent among ``finished`` (the common case), both find nothing.
+    """
+    return f"""
+fan_lock AS MATERIALIZED (
+    SELECT p.id FROM video_job AS p
+    WHERE p.id IN (SELECT f.parent_id FROM ({finished}) AS f
+                   WHERE f.parent_id IS NOT NULL)
+    ORDER BY p.id
+    FOR NO KEY UPDATE OF p
+), fan AS (
+    UPDATE video_job AS p
+    SET children_pending = p.children_pending - f.n,
+        children_failed = coalesce(p.children_failed, 0) + f.bad,
+        status = CASE
+            WHEN p.children_pending > f.n THEN 'waiting'
+            WHEN p.then_complete AND p.parent_id IS NULL
+                 AND coalesce(p.children_failed, 0) + f.bad = 0 THEN 'completed'
+            ELSE 'queued' END,
+        run_after = CASE WHEN p.children_pending > f.n THEN p.run_after ELSE now() END,
+        finished_at = CASE
+            WHEN p.children_pending <= f.n AND p.then_complete AND p.parent_id IS NULL
+                 AND coalesce(p.children_failed, 0) + f.bad = 0 THEN now() END,
+        updated_at = now()
+    FROM (
+        SELECT f.parent_id, count(*) AS n,
+               count(*) FILTER (WHERE f.status <> 'completed') AS bad
+        FROM ({finished}) AS f
+        WHERE f.parent_id IS NOT NULL
+        GROUP BY f.parent_id
+    ) AS f
+    WHERE p.id = f.parent_id AND p.status = 'waiting' AND p.children_pending > 0
+      AND (SELECT count(*) FROM fan_lock) >= 0
+    -- A parent queued again is due now: wake an idle worker for it (RETURNING is
+    -- computed for every row, read or not).
+    RETURNING p.id, p.status,
+        CASE WHEN p.status = 'queued' THEN pg_notify('{CHANNEL}', '1') END IS NULL
+            AS quiet
+)"""
+
 
 ENQUEUE = f"""
 WITH input AS (
     SELECT * FROM unnest(
         %(hashes)s::text[], %(paths)s::text[], %(priorities)s::int[],
-        %(at)s::timestamptz[], %(delays)s::float8[], %(max_attempts)s::int[]
-    ) WITH ORDINALITY AS t(src_hash, input_path, priority, at, delay, max_attempts, ord)
+        %(at)s::timestamptz[], %(delays)s::float8[], %(max_attempts)s::int[],
+        %(keys)s::text[]
+    ) WITH ORDINALITY
+        AS t(src_hash, input_path, priority, at, delay, max_attempts, key, ord)
 ), ins AS (
-    INSERT INTO video_job (src_hash, input_path, priority, run_after, max_attempts)
+    INSERT INTO video_job
+        (src_hash, input_path, priority, run_after, max_attempts, concurrency_key)
     SELECT src_hash, input_path, priority,
-           COALESCE(at, now() + make_interval(secs => delay), now()), max_attempts
+           COALESCE(at, now() + make_interval(secs => delay), now()), max_attempts,
+           key
     FROM input
     ORDER BY ord
     ON CONFLICT ({_JOB_KEY}) DO NOTHING
@@ -60,10 +123,15 @@ ORDER BY input.ord
 # SKIP LOCKED: concurrent claimers pass over each other's rows instead of queueing.
 # The order is that of video_job_queued_idx (priority DESC, created_at, id); the
 # server sorts what RETURNING gives back in no particular order.
+# A job whose concurrency key has a limit is left to CLAIM_LIMITED: the test costs a
+# job without a key one NULL check (OR stops there).
 CLAIM = f"""
 WITH picked AS MATERIALIZED (
-    SELECT id FROM video_job
+    SELECT id FROM video_job AS j
     WHERE status = 'queued' AND run_after <= now() AND attempts < max_attempts
+      AND (concurrency_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM video_job_concurrency AS c
+          WHERE c.concurrency_key = j.concurrency_key))
     ORDER BY priority DESC, created_at, id
     LIMIT %(limit)s
     FOR NO KEY UPDATE SKIP LOCKED
@@ -76,6 +144,94 @@ WITH picked AS MATERIALIZED (
     RETURNING {_RETURNING}
 )
 SELECT * FROM claimed ORDER BY priority DESC, created_at, id
+"""
+
+# CLAIM when some key has a limit. One statement; a limited key's claims are
+# serialized on its video_job_concurrency row:
+# - lim: each limited key's free slots, as this statement's snapshot counts them;
+# - cand: the best due jobs, skipping keys already full, locked SKIP LOCKED;
+# - gate: the rows of the limited keys among them, locked (SKIP LOCKED: a key another
+#   claim holds is left for the next claim). A locked row that is newer than the one
+#   the snapshot saw means a claim of that key committed after the snapshot was taken,
+#   so the count may miss its jobs: the key is skipped this time. Otherwise every
+#   claim of the key committed before the snapshot, and the count is exact;
+# - take: the jobs without a limit, and per open key no more than its free slots;
+# - bump: rewrites each key row it took jobs of (in the same transaction as the
+#   claim), which is how the next claim of the key knows about this one.
+# Finishing jobs only frees slots: a count that misses them is merely cautious.
+CLAIM_LIMITED = f"""
+WITH lim AS MATERIALIZED (
+    SELECT c.concurrency_key AS key, c.xmin::text || c.ctid::text AS seen,
+           c.max_running - (
+               SELECT count(*) FROM video_job AS r
+               WHERE r.status = 'processing' AND r.concurrency_key = c.concurrency_key
+           ) AS free
+    FROM video_job_concurrency AS c
+), cand AS MATERIALIZED (
+    SELECT v.id, v.concurrency_key AS key, v.priority, v.created_at
+    FROM video_job AS v
+    WHERE v.status = 'queued' AND v.run_after <= now() AND v.attempts < v.max_attempts
+      AND (v.concurrency_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM lim WHERE lim.key = v.concurrency_key AND lim.free <= 0))
+    ORDER BY v.priority DESC, v.created_at, v.id
+    LIMIT %(limit)s
+    FOR NO KEY UPDATE OF v SKIP LOCKED
+), gate AS MATERIALIZED (
+    SELECT c.concurrency_key AS key, c.xmin::text || c.ctid::text AS seen
+    FROM video_job_concurrency AS c
+    WHERE c.concurrency_key IN (SELECT key FROM cand WHERE key IS NOT NULL)
+    ORDER BY c.concurrency_key
+    FOR UPDATE OF c SKIP LOCKED
+), open AS MATERIALIZED (
+    SELECT lim.key, lim.free FROM lim JOIN gate USING (key, seen)
+), take AS MATERIALIZED (
+    SELECT x.id, x.key FROM (
+        SELECT cand.id, cand.key, row_number() OVER (
+            PARTITION BY cand.key ORDER BY cand.priority DESC, cand.created_at, cand.id
+        ) AS nth
+        FROM cand
+    ) AS x
+    LEFT JOIN open ON open.key = x.key
+    WHERE x.key IS NULL
+       OR NOT EXISTS (SELECT 1 FROM lim WHERE lim.key = x.key)
+       OR x.nth <= open.free
+), bump AS (
+    UPDATE video_job_concurrency AS c SET claimed_at = now()
+    FROM open
+    WHERE c.concurrency_key = open.key
+      AND EXISTS (SELECT 1 FROM take WHERE take.key = open.key)
+    RETURNING 1
+), claimed AS (
+    UPDATE video_job AS v
+    SET status = 'processing', locked_by = %(worker)s, locked_at = now(),
+        heartbeat_at = now(), attempts = v.attempts + 1, updated_at = now()
+    FROM take
+    WHERE v.id = take.id AND (SELECT count(*) FROM bump) >= 0
+    RETURNING {_RETURNING}
+)
+SELECT * FROM claimed ORDER BY priority DESC, created_at, id
+"""
+
+LIMITS_EXIST = "SELECT EXISTS (SELECT 1 FROM video_job_concurrency) AS limited"
+
+SET_CONCURRENCY = """
+INSERT INTO video_job_concurrency (concurrency_key, max_running)
+VALUES (%(key)s, %(max)s)
+ON CONFLICT (concurrency_key) DO UPDATE
+SET max_running = EXCLUDED.max_running, updated_at = now()
+"""
+
+DROP_CONCURRENCY = """
+DELETE FROM video_job_concurrency WHERE concurrency_key = %(key)s
+"""
+
+CONCURRENCY_LIMITS = """
+SELECT c.concurrency_key, c.max_running,
+       (SELECT count(*) FROM video_job AS r
+        WHERE r.status = 'processing' AND r.concurrency_key = c.concurrency_key)
+           AS processing
+FROM video_job_concurrency AS c
+ORDER BY c.concurrency_key
 """
 
 HEARTBEAT = """
@@ -91,19 +247,13 @@ WHERE v.id = h.id AND v.status = 'processing' AND v.locked_by = h.worker
 RETURNING v.id
 """
 
-# One statement, so one transaction: the job is completed together with its highlights
-# and metrics, or not at all. The inserts read ``done``, so they write nothing when the
-# job is no longer held (or a retry finds it already completed): that, not the
-# metrics' op_id, is what keeps a retried completion from writing them twice, so the
-# server makes the op_id (gen_random_uuid) when the client sends NULL.
-COMPLETE = f"""
-WITH done AS (
-    UPDATE video_job
-    SET status = 'completed', output_path = %(output_path)s, error = NULL,
-        finished_at = now(), heartbeat_at = now(), updated_at = now()
-    WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
-    RETURNING id
-), hl AS (
+# What a completion writes with the job: its highlights and stage timings. The
+# inserts read ``done``, so they write nothing when the job is no longer held (or a
+# retry finds it already completed): that, not the metrics' op_id, is what keeps a
+# retried completion from writing them twice, so the server makes the op_id
+# (gen_random_uuid) when the client sends NULL.
+_COMPLETION_WRITES = f"""
+hl AS (
     INSERT INTO highlight (job_id, start_time, end_time, score, label)
     SELECT done.id, h.start_time, h.end_time, h.score, h.label
     FROM done, unnest(
@@ -119,10 +269,60 @@ WITH done AS (
         AS m(op_id, stage, duration_ms)
     ON CONFLICT ({_METRIC_KEY}) DO NOTHING
     RETURNING 1
-)
+)"""
+
+# One statement, so one transaction: the job is completed together with its highlights
+# and metrics (and its parent's fan-in), or not at all.
+COMPLETE = f"""
+WITH done AS (
+    UPDATE video_job
+    SET status = 'completed', output_path = %(output_path)s, error = NULL,
+        finished_at = now(), heartbeat_at = now(), updated_at = now()
+    WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
+    RETURNING id, parent_id, status
+), {_COMPLETION_WRITES}, {fan_in("SELECT parent_id, status FROM done")}
 SELECT (SELECT count(*) FROM done) AS completed,
        (SELECT count(*) FROM hl) AS highlights,
        (SELECT count(*) FROM m) AS metrics
+"""
+
+# The end of a block that spawned children (their ids in %(children)s): they become
+# queued (visible to workers) and the job 'waiting' for them, in one statement; or,
+# when none is left to release (a re-run whose children already finished), the job
+# is completed as COMPLETE does it. The job's row is locked first, so its children
+# are released only with its own change. A spawned child not yet released is
+# 'waiting' with attempts = 0 (it was never claimed); a waiting parent was.
+COMPLETE_PARENT = f"""
+WITH held AS MATERIALIZED (
+    SELECT id FROM video_job
+    WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
+    FOR NO KEY UPDATE
+), released AS (
+    UPDATE video_job AS c SET status = 'queued', updated_at = now()
+    WHERE c.id = ANY(%(children)s::bigint[]) AND c.parent_id = %(id)s
+      AND c.status = 'waiting' AND c.attempts = 0 AND EXISTS (SELECT 1 FROM held)
+    RETURNING c.id, c.run_after
+), done AS (
+    UPDATE video_job AS v
+    SET status = CASE WHEN r.n > 0 THEN 'waiting' ELSE 'completed' END,
+        children_pending = CASE WHEN r.n > 0 THEN r.n ELSE v.children_pending END,
+        children_failed = CASE WHEN r.n > 0 THEN 0 ELSE v.children_failed END,
+        then_complete = %(then_complete)s,
+        output_path = %(output_path)s, error = NULL,
+        finished_at = CASE WHEN r.n > 0 THEN NULL ELSE now() END,
+        heartbeat_at = now(), updated_at = now()
+    FROM (SELECT count(*) AS n FROM released) AS r
+    WHERE v.id = %(id)s AND v.status = 'processing' AND v.locked_by = %(worker)s
+    RETURNING v.id, v.parent_id, v.status
+), woke AS (
+    SELECT pg_notify('{CHANNEL}', count(*)::text) FROM released
+    WHERE run_after <= now() HAVING count(*) > 0
+), {_COMPLETION_WRITES},
+{fan_in("SELECT parent_id, status FROM done WHERE status = 'completed'")}
+SELECT (SELECT count(*) FROM done) AS completed,
+       (SELECT count(*) FROM released) AS released,
+       (SELECT count(*) FROM woke) AS woke,
+       (SELECT status FROM done) AS status
 """
 
 # COMPLETE for a batch of jobs held by one worker, in one statement (one transaction):
@@ -136,7 +336,7 @@ WITH done AS (
         finished_at = now(), heartbeat_at = now(), updated_at = now()
     FROM unnest(%(ids)s::bigint[], %(output_paths)s::text[]) AS c(id, output_path)
     WHERE v.id = c.id AND v.status = 'processing' AND v.locked_by = %(worker)s
-    RETURNING v.id
+    RETURNING v.id, v.parent_id, v.status
 ), hl AS (
     INSERT INTO highlight (job_id, start_time, end_time, score, label)
     SELECT h.job_id, h.start_time, h.end_time, h.score, h.label
@@ -153,13 +353,14 @@ WITH done AS (
         AS m(job_id, stage, duration_ms)
     JOIN done ON done.id = m.job_id
     ON CONFLICT ({_METRIC_KEY}) DO NOTHING
-)
+), {fan_in("SELECT parent_id, status FROM done")}
 SELECT id FROM done
 """
 
 # attempts was counted at claim time: after the first failure the wait is BACKOFF_BASE,
 # then doubles, capped at BACKOFF_MAX.
-FAIL = """
+FAIL = f"""
+WITH failed AS (
 UPDATE video_job
 SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
     error = %(error)s,
@@ -170,7 +371,9 @@ SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
     finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END,
     updated_at = now()
 WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
-RETURNING status
+RETURNING status, parent_id
+), {fan_in("SELECT parent_id, status FROM failed WHERE status = 'failed'")}
+SELECT status FROM failed
 """
 
 # A released job is due at once: wake an idle worker for it (the insert trigger only
@@ -204,11 +407,11 @@ WITH back AS (
         updated_at = now()
     WHERE status = 'processing'
       AND heartbeat_at < now() - make_interval(secs => %(older)s::float8)
-    RETURNING id, status
+    RETURNING id, status, parent_id
 ), woke AS (
     SELECT pg_notify('{CHANNEL}', count(*)::text) FROM back
     WHERE status = 'queued' HAVING count(*) > 0
-)
+), {fan_in("SELECT parent_id, status FROM back WHERE status = 'failed'")}
 SELECT id, status FROM back WHERE (SELECT count(*) FROM woke) >= 0
 """
 
@@ -220,10 +423,109 @@ WHERE id = %(id)s AND status = 'failed'
 RETURNING id
 """
 
-CANCEL = """
+# The job, then its queued and waiting descendants (a processing one finishes; its
+# parent, cancelled, no longer waits for it); the job's own parent's fan-in.
+CANCEL = f"""
+WITH RECURSIVE top AS (
+    UPDATE video_job SET status = 'cancelled', finished_at = now(), updated_at = now()
+    WHERE id = %(id)s AND status IN ('queued', 'processing', 'waiting')
+    RETURNING id, parent_id, status
+), tree(id) AS (
+    SELECT c.id FROM video_job AS c WHERE c.parent_id = %(id)s
+    UNION ALL
+    SELECT c.id FROM video_job AS c JOIN tree ON c.parent_id = tree.id
+), below AS (
+    UPDATE video_job AS v
+    SET status = 'cancelled', finished_at = now(), updated_at = now()
+    FROM tree
+    WHERE v.id = tree.id AND v.status IN ('queued', 'waiting')
+      AND EXISTS (SELECT 1 FROM top)
+    RETURNING v.id
+), {fan_in("SELECT parent_id, status FROM top")}
+SELECT id, (SELECT count(*) FROM below) AS descendants FROM top
+"""
+
+# A block's spawned children not released (the block failed for good): cancelled,
+# so a parent that failed spawns nothing.
+CANCEL_UNRELEASED = """
 UPDATE video_job SET status = 'cancelled', finished_at = now(), updated_at = now()
-WHERE id = %(id)s AND status IN ('queued', 'processing')
+WHERE id = ANY(%(ids)s::bigint[]) AND parent_id = %(parent)s
+  AND status = 'waiting' AND attempts = 0
 RETURNING id
+"""
+
+# A child job: numbered by its parent's children_count (the parent row's lock orders
+# concurrent creators, so indexes come without gaps), unless its src_hash already has a
+# job (a re-run): then no number is taken and that job is the child.
+_CHILD_NUMBER = """
+existing AS MATERIALIZED (
+    SELECT id FROM video_job WHERE src_hash = %(src_hash)s
+), num AS (
+    UPDATE video_job AS p SET children_count = coalesce(p.children_count, 0) + 1
+    WHERE p.id = {parent} AND NOT EXISTS (SELECT 1 FROM existing)
+    RETURNING coalesce(p.job_number, p.id::text) || '.' || p.children_count
+        AS job_number
+)"""
+
+# track(): the job row, created processing and held by the worker (a re-run of the
+# same src_hash takes the finished or queued job over, one attempt more; a job
+# processing or waiting elsewhere is left alone and no row comes back).
+TRACK = f"""
+WITH {_CHILD_NUMBER.format(parent="%(parent)s")}, ins AS (
+    INSERT INTO video_job AS v
+        (src_hash, input_path, status, parent_id, job_number, locked_by, locked_at,
+         heartbeat_at, attempts, max_attempts)
+    VALUES (%(src_hash)s, %(input_path)s, 'processing', %(parent)s,
+            (SELECT job_number FROM num), %(worker)s, now(), now(), 1, 1)
+    ON CONFLICT ({_JOB_KEY}) DO UPDATE
+    SET status = 'processing', input_path = coalesce(EXCLUDED.input_path, v.input_path),
+        locked_by = EXCLUDED.locked_by, locked_at = now(), heartbeat_at = now(),
+        attempts = v.attempts + 1, max_attempts = v.attempts + 1, run_after = now(),
+        finished_at = NULL, updated_at = now()
+    WHERE v.status NOT IN ('processing', 'waiting')
+    RETURNING {_RETURNING}
+)
+SELECT * FROM ins
+"""
+
+# job.spawn(): the child, 'waiting' until its parent's block ends (COMPLETE_PARENT),
+# if the parent is still held. Returns the child's id (an existing job's for a
+# src_hash that has one), and whether the parent is held.
+SPAWN = f"""
+WITH held AS MATERIALIZED (
+    SELECT id FROM video_job
+    WHERE id = %(parent)s AND status = 'processing' AND locked_by = %(worker)s
+), {_CHILD_NUMBER.format(parent="(SELECT id FROM held)")},
+ins AS (
+    INSERT INTO video_job
+        (src_hash, input_path, status, priority, run_after, max_attempts,
+         concurrency_key, parent_id, job_number)
+    SELECT %(src_hash)s, %(input_path)s, 'waiting', %(priority)s,
+           COALESCE(%(at)s::timestamptz,
+                    now() + make_interval(secs => %(delay)s::float8), now()),
+           %(max_attempts)s, %(key)s, %(parent)s, num.job_number
+    FROM num
+    ON CONFLICT ({_JOB_KEY}) DO NOTHING
+    RETURNING id
+)
+SELECT EXISTS (SELECT 1 FROM held) AS held,
+       COALESCE((SELECT id FROM ins), (SELECT id FROM existing)) AS id
+"""
+
+# A parent that ends first fails its tracked children still open.
+FAIL_ORPHANS = """
+UPDATE video_job
+SET status = 'failed', error = %(error)s, finished_at = now(), updated_at = now()
+WHERE id = ANY(%(ids)s::bigint[]) AND parent_id = %(parent)s AND status = 'processing'
+RETURNING id
+"""
+
+CHILDREN = """
+SELECT id, src_hash, coalesce(job_number, id::text) AS job_number, status, error,
+       output_path, attempts, created_at, finished_at
+FROM video_job
+WHERE parent_id = %(id)s
+ORDER BY length(job_number), job_number, id
 """
 
 PURGE = """
@@ -249,6 +551,7 @@ SELECT
     count(*) FILTER (WHERE status = 'completed') AS completed,
     count(*) FILTER (WHERE status = 'failed') AS failed,
     count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+    count(*) FILTER (WHERE status = 'waiting') AS waiting,
     count(*) AS total,
     count(*) FILTER (WHERE attempts > 1) AS retried,
     extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'queued'))::float8

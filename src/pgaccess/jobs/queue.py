@@ -36,6 +36,8 @@ import collections
 import contextlib
 import datetime
 import logging
+import os
+import socket
 import threading
 import weakref
 from time import perf_counter
@@ -60,7 +62,7 @@ from ..errors import DatabaseError, DataError, IntegrityError, InvalidQuery
 from ..retry import WRITE, RetryPolicy
 from . import queries as Q
 
-__all__ = ["Completions", "Duration", "JobHandle", "JobLost", "VideoJobs"]
+__all__ = ["Completions", "Duration", "JobBusy", "JobHandle", "JobLost", "VideoJobs"]
 
 logger = logging.getLogger("pgaccess.jobs.queue")
 
@@ -127,6 +129,23 @@ class JobLost(DatabaseError):
         self.holder = holder
 
 
+class JobBusy(DatabaseError):
+    """``track()`` found the job of its ``src_hash`` processing or waiting elsewhere.
+
+    A tracked block takes over a queued or finished job of the same ``src_hash`` (a
+    re-run), never one that runs now. ``status`` and ``holder`` say what it is.
+    """
+
+    def __init__(self, src_hash: str, status: Optional[str], holder: Optional[str]):
+        super().__init__(
+            f"the job of src_hash {src_hash!r} is {status} (held by {holder!r}): "
+            "track() takes over only a queued or finished job"
+        )
+        self.src_hash = src_hash
+        self.status = status
+        self.holder = holder
+
+
 class Completions(NamedTuple):
     """What ``VideoJobs.complete_many`` did: the ids completed, the ``JobLost`` of the
     jobs no longer held, and (id, error) of the jobs whose completion was refused
@@ -168,6 +187,59 @@ def highlight_columns(highlights: Iterable[Mapping[str, Any]]) -> HighlightColum
     return starts, ends, scores, labels
 
 
+class EnqueueItem(NamedTuple):
+    """One job to enqueue or spawn, checked: ``run_after`` split into a time (``at``)
+    or a delay in seconds."""
+
+    src_hash: str
+    input_path: Optional[str]
+    priority: int
+    max_attempts: int
+    concurrency_key: Optional[str]
+    at: Optional[datetime.datetime]
+    delay: Optional[float]
+
+
+def enqueue_item(item: Any, what: str) -> EnqueueItem:
+    """Check a job to enqueue (a dict with src_hash, input_path and the options of
+    ``enqueue``); raises ``InvalidQuery`` naming ``what``."""
+    if not isinstance(item, Mapping):
+        raise InvalidQuery(f"{what} is not a dict")
+    src_hash = item.get("src_hash")
+    if not isinstance(src_hash, str) or not src_hash:
+        raise InvalidQuery(f"{what} needs a src_hash string")
+    path = item.get("input_path")
+    priority = item.get("priority")
+    attempts = item.get("max_attempts")
+    attempts = 3 if attempts is None else int(attempts)
+    if attempts < 1:
+        raise InvalidQuery(f"{what}: max_attempts must be >= 1")
+    key = item.get("concurrency_key")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise InvalidQuery(
+            f"{what}: concurrency_key must be a non-empty string or None, got {key!r}"
+        )
+    when = item.get("run_after")
+    at = when if when is None or isinstance(when, datetime.datetime) else None
+    delay = None
+    if when is not None and at is None:
+        delay = seconds(when, f"{what}: run_after")
+    return EnqueueItem(
+        src_hash,
+        None if path is None else str(path),
+        0 if priority is None else int(priority),
+        attempts,
+        key,
+        at,
+        delay,
+    )
+
+
+def default_worker_id() -> str:
+    """``host:pid/thread``: the worker id of a ``track()`` block not given one."""
+    return f"{socket.gethostname()}:{os.getpid()}/{threading.get_ident()}"
+
+
 def check_id(job_id: Any) -> int:
     if isinstance(job_id, bool) or not isinstance(job_id, int):
         raise InvalidQuery(f"a job id is an int, got {job_id!r}")
@@ -190,15 +262,39 @@ class JobHandle:
 
     ``lost`` is set (a ``threading.Event``) when the heartbeat finds the job no longer
     held: a long block may check it and give up early; its completion would raise
-    ``JobLost`` anyway. Not thread-safe (but ``lost`` is): use it from the block's
-    thread.
+    ``JobLost`` anyway. Not thread-safe (but ``lost`` and ``spawn`` are): use it from
+    the block's thread.
+
+    Jobs in jobs: ``parent_id``, ``job_number`` (``"17.2"``), ``spawn(...)`` (a child
+    in the queue, released with the block's end) and ``children_done``.
     """
 
-    __slots__ = ("highlights", "lost", "output_path", "row", "timings", "worker_id")
+    __slots__ = (
+        "_jobs",
+        "_lock",
+        "_open",
+        "highlights",
+        "lost",
+        "output_path",
+        "row",
+        "spawned",
+        "then_complete",
+        "timings",
+        "worker_id",
+    )
 
-    def __init__(self, row: Row, worker_id: str) -> None:
+    def __init__(
+        self, row: Row, worker_id: str, jobs: Optional[VideoJobs] = None
+    ) -> None:
         self.row = row
         self.worker_id = worker_id
+        self._jobs = jobs
+        # The children this block spawned (ids, in order), released with its end;
+        # the tracked children open under it. Made on first use: most jobs have none.
+        self.spawned: Optional[List[int]] = None
+        self.then_complete = False
+        self._open: Optional[Dict[JobHandle, None]] = None
+        self._lock = threading.Lock()
         self.highlights: List[Dict[str, Any]] = []
         self.output_path: Optional[str] = None
         # (op_id, stage, milliseconds); op_id None: the server makes one. A retried
@@ -217,6 +313,95 @@ class JobHandle:
     def id(self) -> int:
         """The job's id."""
         return int(self.row["id"])
+
+    @property
+    def parent_id(self) -> Optional[int]:
+        """The id of the job this one is a child of, or None for a root job."""
+        parent = self.row.get("parent_id")
+        return None if parent is None else int(parent)
+
+    @property
+    def job_number(self) -> str:
+        """``"17"`` for a root job (its id), ``"17.2.1"`` for a child's child."""
+        number = self.row.get("job_number")
+        return str(self.id) if number is None else str(number)
+
+    @property
+    def children_done(self) -> bool:
+        """True when the job was queued again because its spawned children all
+        finished (see ``VideoJobs.children`` for how each ended)."""
+        return bool(self.row.get("children_done"))
+
+    def spawn(
+        self,
+        src_hash: str,
+        input_path: Optional[str],
+        *,
+        priority: int = 0,
+        run_after: Union[datetime.datetime, Duration, None] = None,
+        max_attempts: int = 3,
+        concurrency_key: Optional[str] = None,
+        then: Optional[str] = None,
+    ) -> int:
+        """Create a child job in the queue; return its id. One statement.
+
+        The child is numbered under this job (``"17.3"``) and stays invisible to
+        workers until this block ends cleanly: then, atomically with the block's end,
+        the children are queued and this job becomes ``waiting`` (not completed);
+        when the last child finishes (completed, failed for good or cancelled) this
+        job is queued again, and its handler sees ``children_done``. A block that
+        fails spawns nothing (its children are queued by the run that succeeds, or
+        cancelled when it fails for good). Idempotent on ``src_hash``: a re-run
+        spawning the same children gets their ids and creates none. The options are
+        ``enqueue``'s. ``then="complete"``: when every child completed, the last
+        child's completion completes this job too, in the same statement (a job
+        that is itself a child, or whose children did not all complete, is queued
+        again instead). Thread-safe. Raises ``JobLost`` when the job is no longer
+        held, ``InvalidQuery`` for bad options.
+        """
+        if then not in (None, "complete"):
+            raise InvalidQuery(f'spawn: then must be None or "complete", not {then!r}')
+        if self._jobs is None:
+            raise InvalidQuery("spawn: this handle does not belong to a VideoJobs")
+        child = self._jobs._spawn(
+            self,
+            {
+                "src_hash": src_hash,
+                "input_path": input_path,
+                "priority": priority,
+                "run_after": run_after,
+                "max_attempts": max_attempts,
+                "concurrency_key": concurrency_key,
+            },
+        )
+        with self._lock:
+            if self.spawned is None:
+                self.spawned = []
+            if child not in self.spawned:
+                self.spawned.append(child)
+            if then == "complete":
+                self.then_complete = True
+        return child
+
+    def _adopt(self, child: JobHandle) -> None:
+        with self._lock:
+            if self._open is None:
+                self._open = {}
+            self._open[child] = None
+
+    def _disown(self, child: JobHandle) -> None:
+        with self._lock:
+            if self._open is not None:
+                self._open.pop(child, None)
+
+    def _orphans(self) -> List[JobHandle]:
+        """The tracked children still open, taken off the handle."""
+        if self._open is None:
+            return []
+        with self._lock:
+            open_ = list(self._open or ())
+            self._open = None
+        return open_
 
     def add_highlight(
         self, start: float, end: float, score: float, label: Optional[str] = None
@@ -434,7 +619,7 @@ class _Prefetcher:
                 return None
             got = len(rows)
             buf.limit = min(limit * 2, jobs.PREFETCH_MAX) if got >= limit else got
-            handles = [JobHandle(row, worker_id) for row in rows]
+            handles = [JobHandle(row, worker_id, jobs) for row in rows]
             # All of them, the block's job too: the block's exit stops its heartbeat.
             jobs.hold(handles)
             buf.last = now
@@ -579,11 +764,21 @@ class VideoJobs:
     #: The longest a job claimed ahead by ``processing()`` waits for a block, in
     #: seconds; then it goes back to the queue, its attempt not counted.
     PREFETCH_HOLD: float = 1.0
+    #: How often ``claim`` looks again whether any concurrency limit is set (seconds).
+    #: Until it has seen one, it claims with the plain statement, which leaves the
+    #: jobs of limited keys alone: a limit set elsewhere holds at once, and their jobs
+    #: wait at most this long.
+    LIMITS_RECHECK: float = 1.0
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self._heartbeats = _Heartbeater(self)
         self._prefetch = _Prefetcher(self)
+        # The blocks open on each thread (processing() and track()), innermost last:
+        # a track() opened inside one is its child.
+        self._local = threading.local()
+        self._limited = False
+        self._limited_until = 0.0  # perf_counter time of the next look
 
     def __repr__(self) -> str:
         return f"<VideoJobs on {self.db!r}>"
@@ -601,12 +796,15 @@ class VideoJobs:
         priority: int = 0,
         run_after: Union[datetime.datetime, Duration, None] = None,
         max_attempts: int = 3,
+        concurrency_key: Optional[str] = None,
     ) -> int:
         """Queue a video; return its job id. Idempotent on ``src_hash``.
 
         Enqueueing a ``src_hash`` that already has a job returns that job's id and
         changes nothing. ``run_after``: a datetime (use an aware one), or a delay
-        from now (seconds or timedelta); None means now. One statement.
+        from now (seconds or timedelta); None means now. ``concurrency_key``: at
+        most ``set_concurrency(key, n)`` jobs with that key are processing at once
+        (no limit set: unlimited). One statement.
         """
         return self.enqueue_many(
             [
@@ -616,6 +814,7 @@ class VideoJobs:
                     "priority": priority,
                     "run_after": run_after,
                     "max_attempts": max_attempts,
+                    "concurrency_key": concurrency_key,
                 }
             ]
         )[0]
@@ -624,7 +823,8 @@ class VideoJobs:
         """Queue many videos in one statement; return their ids in input order.
 
         Each item is a dict with ``src_hash`` and ``input_path`` and optionally
-        ``priority``, ``run_after`` and ``max_attempts`` (as ``enqueue``). Items
+        ``priority``, ``run_after``, ``max_attempts`` and ``concurrency_key`` (as
+        ``enqueue``). Items
         whose ``src_hash`` already has a job (or repeats one earlier in the batch)
         get the existing id. Raises ``InvalidQuery`` for a malformed item.
         """
@@ -634,29 +834,16 @@ class VideoJobs:
         at: List[Optional[datetime.datetime]] = []
         delays: List[Optional[float]] = []
         max_attempts: List[int] = []
+        keys: List[Optional[str]] = []
         for i, item in enumerate(items):
-            if not isinstance(item, Mapping):
-                raise InvalidQuery(f"enqueue_many: item {i} is not a dict")
-            src_hash = item.get("src_hash")
-            if not isinstance(src_hash, str) or not src_hash:
-                raise InvalidQuery(f"enqueue_many: item {i} needs a src_hash string")
-            hashes.append(src_hash)
-            path = item.get("input_path")
-            paths.append(None if path is None else str(path))
-            priority = item.get("priority")
-            priorities.append(0 if priority is None else int(priority))
-            attempts = item.get("max_attempts")
-            attempts = 3 if attempts is None else int(attempts)
-            if attempts < 1:
-                raise InvalidQuery(f"enqueue_many: item {i}: max_attempts must be >= 1")
-            max_attempts.append(attempts)
-            when = item.get("run_after")
-            if when is None or isinstance(when, datetime.datetime):
-                at.append(when)
-                delays.append(None)
-            else:
-                at.append(None)
-                delays.append(seconds(when, f"enqueue_many: item {i}: run_after"))
+            job = enqueue_item(item, f"enqueue_many: item {i}")
+            hashes.append(job.src_hash)
+            paths.append(job.input_path)
+            priorities.append(job.priority)
+            max_attempts.append(job.max_attempts)
+            keys.append(job.concurrency_key)
+            at.append(job.at)
+            delays.append(job.delay)
         if not hashes:
             return []
         params = {
@@ -666,6 +853,7 @@ class VideoJobs:
             "at": at,
             "delays": delays,
             "max_attempts": max_attempts,
+            "keys": keys,
         }
         rows = self._write(Q.ENQUEUE, params)
         ids: List[Optional[int]] = [r["id"] for r in rows]
@@ -689,8 +877,10 @@ class VideoJobs:
 
         Highest priority first, then the oldest. The jobs become ``processing``,
         held by ``worker_id``, with ``attempts`` counted; one statement, and no job
-        is ever held by two workers. Returns ``[]`` when nothing is due. A row has
-        the columns of ``queries.CLAIMED_COLUMNS``, not every column of the table.
+        is ever held by two workers, nor more jobs of a concurrency key processing
+        than its limit (a full key's jobs are skipped, others taken). Returns ``[]``
+        when nothing is due. A row has the columns of ``queries.CLAIMED_COLUMNS``
+        (and ``children_done``), not every column of the table.
         Not retried: if the connection dies while it runs (``CommitOutcomeUnknown``),
         jobs it may have claimed stay ``processing`` until ``reclaim_stale`` returns
         them.
@@ -699,7 +889,18 @@ class VideoJobs:
             raise InvalidQuery("claim: worker_id must be a non-empty string")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidQuery(f"claim: limit must be a positive int, got {limit!r}")
-        return self.db.execute(Q.CLAIM, {"limit": limit, "worker": worker_id})
+        query = Q.CLAIM_LIMITED if self._limits_set() else Q.CLAIM
+        return self.db.execute(query, {"limit": limit, "worker": worker_id})
+
+    def _limits_set(self) -> bool:
+        """Whether any concurrency limit is set, looked up at most every
+        ``LIMITS_RECHECK`` seconds (a race between threads costs one extra look)."""
+        now = perf_counter()
+        if now >= self._limited_until:
+            rows = self.db.execute(Q.LIMITS_EXIST)
+            self._limited = bool(rows[0]["limited"])
+            self._limited_until = now + self.LIMITS_RECHECK
+        return self._limited
 
     # -------------------------------------------------- a held job's updates
     def _held_update(
@@ -720,7 +921,7 @@ class VideoJobs:
         status = state[0]["status"] if state else None
         holder = state[0]["locked_by"] if state else None
         done_states = {
-            "complete": ("completed",),
+            "complete": ("completed", "waiting"),
             "fail": ("queued", "failed"),
             "release": ("queued",),
         }.get(action, ())
@@ -771,6 +972,8 @@ class VideoJobs:
         output_path: Optional[str],
         highlights: Iterable[Mapping[str, Any]],
         timings: Sequence[Tuple[Optional[str], str, float]],
+        spawned: Optional[Sequence[int]] = None,
+        then_complete: bool = False,
     ) -> None:
         starts, ends, scores, labels = highlight_columns(highlights)
         params = {
@@ -785,8 +988,54 @@ class VideoJobs:
             "stages": [t[1] for t in timings],
             "durations": [t[2] for t in timings],
         }
-
+        if spawned:
+            params["children"] = list(spawned)
+            params["then_complete"] = then_complete
+            self._held_update("complete", job_id, worker_id, Q.COMPLETE_PARENT, params)
+            return
         self._held_update("complete", job_id, worker_id, Q.COMPLETE, params)
+
+    def _finish(self, handle: JobHandle) -> None:
+        """A block's clean end: its open tracked children failed, then the job
+        completed (or, having spawned children, released them and waiting)."""
+        self._fail_orphans(handle, "parent ended first")
+        self._heartbeats.discard(handle)
+        with handle._lock:
+            spawned = list(handle.spawned or ())
+        self._complete(
+            handle.id,
+            handle.worker_id,
+            handle.output_path,
+            handle.highlights,
+            handle.timings,
+            spawned,
+            handle.then_complete,
+        )
+
+    def _fail_orphans(self, handle: JobHandle, error: str) -> None:
+        """Fail the tracked children still open under ``handle`` with ``error``;
+        their blocks get ``JobLost`` at their end. Logged, never raised: the
+        parent's own end must go on."""
+        orphans = handle._orphans()
+        if not orphans:
+            return
+        for child in orphans:
+            self._heartbeats.discard(child)
+        try:
+            failed = self._write(
+                Q.FAIL_ORPHANS,
+                {"ids": [c.id for c in orphans], "parent": handle.id, "error": error},
+            )
+        except DatabaseError:
+            logger.warning(
+                "could not fail the open children of job %d", handle.id, exc_info=True
+            )
+            return
+        gone = {r["id"] for r in failed}
+        for child in orphans:
+            if child.id in gone:
+                child.lost.set()
+                logger.warning("job %d failed: %s (job %d)", child.id, error, handle.id)
 
     def fail(self, job_id: int, worker_id: str, error: object) -> str:
         """Record a failed attempt of a held job; return its new status.
@@ -857,6 +1106,10 @@ class VideoJobs:
         Thread-safe: threads with different worker ids (the usual way) claim
         independently; threads sharing a worker id share its batch, each job
         yielded once.
+
+        A ``track()`` opened inside the block makes a child of this job; a job
+        that called ``job.spawn(...)`` ends ``waiting`` for its children instead of
+        completed (see ``JobHandle.spawn``).
         """
         if not isinstance(worker_id, str) or not worker_id:
             raise InvalidQuery("processing: worker_id must be a non-empty string")
@@ -864,10 +1117,13 @@ class VideoJobs:
         if handle is None:
             yield None
             return
+        stack = self._stack()
+        stack.append(handle)
         try:
             yield handle
         except Exception as exc:
             self._heartbeats.discard(handle)
+            self._fail_orphans(handle, f"parent failed: {error_text(exc)}")
             self.fail_quietly(handle, exc)
             raise
         except BaseException:
@@ -875,23 +1131,172 @@ class VideoJobs:
             # for reclaim_stale. The jobs claimed ahead go first, under their lock.
             self._heartbeats.discard(handle)
             with contextlib.suppress(DatabaseError):  # reclaim_stale is the fallback
+                self._fail_orphans(handle, "parent interrupted")
                 self._prefetch.release(worker_id)
                 self.release_many([handle])
             raise
-        self._heartbeats.discard(handle)
+        finally:
+            stack.remove(handle)
         try:
-            self._complete(
-                handle.id,
-                worker_id,
-                handle.output_path,
-                handle.highlights,
-                handle.timings,
-            )
+            self._finish(handle)
         except JobLost:
             raise
         except Exception as exc:
             self.fail_quietly(handle, exc, "could not complete: ")
             raise
+
+    # ------------------------------------------------------ jobs in jobs
+    def _stack(self) -> List[JobHandle]:
+        """The blocks open on this thread, innermost last."""
+        stack: Optional[List[JobHandle]] = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    @contextlib.contextmanager
+    def track(
+        self,
+        src_hash: str,
+        input_path: Optional[str] = None,
+        *,
+        worker_id: Optional[str] = None,
+        parent: Optional[JobHandle] = None,
+    ) -> Iterator[JobHandle]:
+        """``with jobs.track(src_hash) as job:`` records work not taken from the queue.
+
+        Creates the job row already ``processing``, held by ``worker_id`` (default
+        ``host:pid/thread``; a child: its parent's), and keeps its heartbeat fresh;
+        a clean exit completes it with what the handle holds (as ``processing()``
+        does), an exception fails it with the error text (no retry: a tracked job
+        has one attempt) and is re-raised. Yields a :class:`JobHandle`.
+
+        Nesting: opened inside another ``track()`` or ``processing()`` block of the
+        same thread, or given ``parent=`` (a handle from another thread), the job is
+        that job's child: ``parent_id`` set, ``job_number`` the parent's plus
+        ``".n"``, children numbered in creation order without gaps (the index comes
+        from the parent's row, under its lock). A parent whose block ends while a
+        tracked child is still open fails that child (``"parent ended first"``;
+        the child's block then raises ``JobLost``).
+
+        Re-running a ``src_hash`` takes its job over (queued or finished: one attempt
+        more, same id and number); a job processing or waiting elsewhere raises
+        :class:`JobBusy`. ``KeyboardInterrupt`` fails the job too (a tracked job is
+        not the queue's to give back).
+        """
+        if not isinstance(src_hash, str) or not src_hash:
+            raise InvalidQuery("track: src_hash must be a non-empty string")
+        if worker_id is not None and (not isinstance(worker_id, str) or not worker_id):
+            raise InvalidQuery("track: worker_id must be a non-empty string or None")
+        stack = self._stack()
+        if parent is None and stack:
+            parent = stack[-1]
+        worker = worker_id or (
+            parent.worker_id if parent is not None else default_worker_id()
+        )
+        params = {
+            "src_hash": src_hash,
+            "input_path": None if input_path is None else str(input_path),
+            "parent": None if parent is None else parent.id,
+            "worker": worker,
+        }
+        rows = self._write(Q.TRACK, params)
+        if not rows:
+            found = self.db.execute(
+                "SELECT status, locked_by FROM video_job WHERE src_hash = %s",
+                (src_hash,),
+            )
+            state = found[0] if found else {}
+            raise JobBusy(src_hash, state.get("status"), state.get("locked_by"))
+        handle = JobHandle(rows[0], worker, self)
+        if parent is not None:
+            parent._adopt(handle)
+        self._heartbeats.add(handle)
+        stack.append(handle)
+        try:
+            yield handle
+        except BaseException as exc:
+            self._heartbeats.discard(handle)
+            self._fail_orphans(handle, f"parent failed: {error_text(exc)}")
+            self.fail_quietly(handle, exc)
+            raise
+        finally:
+            stack.remove(handle)
+            if parent is not None:
+                parent._disown(handle)
+        try:
+            self._finish(handle)
+        except JobLost:
+            raise
+        except Exception as exc:
+            self.fail_quietly(handle, exc, "could not complete: ")
+            raise
+
+    def _spawn(self, parent: JobHandle, item: Mapping[str, Any]) -> int:
+        """``JobHandle.spawn``: the child row, waiting for the parent's end."""
+        job = enqueue_item(item, "spawn")
+        src_hash = job.src_hash
+        params = {
+            "parent": parent.id,
+            "worker": parent.worker_id,
+            "src_hash": src_hash,
+            "input_path": job.input_path,
+            "priority": job.priority,
+            "at": job.at,
+            "delay": job.delay,
+            "max_attempts": job.max_attempts,
+            "key": job.concurrency_key,
+        }
+        row = self._write(Q.SPAWN, params)[0]
+        if not row["held"]:
+            state = self.db.execute(Q.JOB_STATE, {"id": parent.id})
+            raise JobLost(
+                parent.id,
+                parent.worker_id,
+                "spawn",
+                state[0]["status"] if state else None,
+                state[0]["locked_by"] if state else None,
+            )
+        if row["id"] is None:  # a concurrent spawn of the same src_hash won
+            found = self.db.execute(
+                "SELECT id FROM video_job WHERE src_hash = %s", (src_hash,)
+            )
+            return int(found[0]["id"])
+        return int(row["id"])
+
+    def children(self, job_id: int) -> List[Row]:
+        """The children of a job, in number order: id, src_hash, job_number, status,
+        error, output_path, attempts, created_at, finished_at. One query."""
+        job_id = check_id(job_id)
+        return self.db.execute(Q.CHILDREN, {"id": job_id})
+
+    def set_concurrency(self, key: str, limit: Optional[int]) -> None:
+        """At most ``limit`` jobs with ``concurrency_key=key`` processing at once.
+
+        Stored in the database, so every worker, on every host, obeys it from its
+        next claim; 0 pauses the key, None removes the limit. Jobs already
+        processing are not stopped: a lowered limit holds once enough of them end.
+        """
+        if not isinstance(key, str) or not key:
+            raise InvalidQuery("set_concurrency: key must be a non-empty string")
+        if limit is None:
+            self._write(Q.DROP_CONCURRENCY, {"key": key})
+            return
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise InvalidQuery(
+                f"set_concurrency: limit must be an int >= 0 or None, got {limit!r}"
+            )
+        self._write(Q.SET_CONCURRENCY, {"key": key, "max": limit})
+        self._limited, self._limited_until = True, perf_counter() + self.LIMITS_RECHECK
+
+    def concurrency_limits(self) -> Dict[str, Dict[str, int]]:
+        """Each limited key: ``{"max_running": n, "processing": m}``."""
+        return {
+            r["concurrency_key"]: {
+                "max_running": int(r["max_running"]),
+                "processing": int(r["processing"]),
+            }
+            for r in self.db.execute(Q.CONCURRENCY_LIMITS)
+        }
 
     def release_prefetched(self, worker_id: Optional[str] = None) -> int:
         """Give the jobs ``processing()`` claimed ahead for ``worker_id`` (None: for
@@ -904,9 +1309,14 @@ class VideoJobs:
     def fail_quietly(
         self, handle: JobHandle, exc: BaseException, prefix: str = ""
     ) -> None:
-        """Fail the job after ``exc``; never hide ``exc`` behind a new error."""
+        """Fail the job after ``exc``; never hide ``exc`` behind a new error. A job
+        failed for good cancels the children it spawned (never released)."""
         try:
-            self.fail(handle.id, handle.worker_id, prefix + error_text(exc))
+            status = self.fail(handle.id, handle.worker_id, prefix + error_text(exc))
+            with handle._lock:
+                spawned = list(handle.spawned or ())
+            if spawned and status == "failed":
+                self._write(Q.CANCEL_UNRELEASED, {"ids": spawned, "parent": handle.id})
         except JobLost as lost:
             logger.warning("%s", lost)
         except DatabaseError:
@@ -947,6 +1357,18 @@ class VideoJobs:
         worker_id = handles[0].worker_id
         if any(h.worker_id != worker_id for h in handles):
             raise InvalidQuery("complete_many: the jobs of one worker at a time")
+        if any(h.spawned for h in handles):
+            # A job that spawned children ends with their release, in a statement of
+            # its own (COMPLETE_PARENT); the others share one.
+            parents = [h for h in handles if h.spawned]
+            rest = self.complete_many([h for h in handles if not h.spawned])
+            try:
+                each = self._complete_each(parents, list(rest.refused))
+            finally:
+                self._heartbeats.discard_many(parents)
+            return Completions(
+                rest.completed + each.completed, rest.lost + each.lost, each.refused
+            )
         refused: List[Tuple[int, DatabaseError]] = []
         ids: List[int] = []
         paths: List[Optional[str]] = []
@@ -1037,7 +1459,13 @@ class VideoJobs:
         for h in handles:
             try:
                 self._complete(
-                    h.id, h.worker_id, h.output_path, h.highlights, h.timings
+                    h.id,
+                    h.worker_id,
+                    h.output_path,
+                    h.highlights,
+                    h.timings,
+                    h.spawned,
+                    h.then_complete,
                 )
             except JobLost as exc:
                 lost.append(exc)
@@ -1090,9 +1518,12 @@ class VideoJobs:
         return bool(self._write(Q.RETRY_FAILED, {"id": job_id}))
 
     def cancel(self, job_id: int) -> bool:
-        """Cancel a queued or processing job; False if it had already finished.
+        """Cancel a queued, processing or waiting job; False if it had already
+        finished.
 
         A worker holding it gets ``JobLost`` at its next heartbeat or completion.
+        Its queued and waiting descendants are cancelled with it (processing ones
+        run to their end); a waiting parent counts it as a finished child.
         """
         job_id = check_id(job_id)
         return bool(self._write(Q.CANCEL, {"id": job_id}))
@@ -1109,12 +1540,14 @@ class VideoJobs:
     def stats(self, *, job_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
         """The queue's numbers, computed by the server in one query.
 
-        Counts by status (and ``total``, ``retried``: jobs that took more than one
-        attempt), ``oldest_queued_s`` (age of the oldest queued job, None if none),
-        ``finished_per_minute`` (over the last 5 minutes), ``success_rate``
-        (completed / (completed + failed), None before any), ``mean_processing_s``
-        and ``p95_processing_s`` (finished_at - locked_at of completed jobs).
-        ``job_ids`` restricts it to those jobs. Scans the table.
+        Counts by status (``waiting``: parents waiting for their children, and
+        spawned children waiting for their parent's block to end; and ``total``,
+        ``retried``: jobs that took more than one attempt), ``oldest_queued_s`` (age
+        of the oldest queued job, None if none), ``finished_per_minute`` (over the
+        last 5 minutes), ``success_rate`` (completed / (completed + failed), None
+        before any), ``mean_processing_s`` and ``p95_processing_s`` (finished_at -
+        locked_at of completed jobs). ``job_ids`` restricts it to those jobs. Scans
+        the table.
         """
         ids = None if job_ids is None else [int(i) for i in job_ids]
         return dict(self.db.execute(Q.STATS, {"ids": ids})[0])

@@ -22,7 +22,8 @@ logger = logging.getLogger("pgaccess.jobs.worker")
 
 #: What ``Worker`` runs per job: ``handler(job_row) -> result``. The result is None
 #: or a mapping with optional ``highlights`` (a list of dicts with start, end, score
-#: and label), ``output_path`` and ``metrics`` (stage name -> milliseconds).
+#: and label), ``output_path``, ``metrics`` (stage name -> milliseconds) and
+#: ``spawn`` (a list of dicts of ``JobHandle.spawn``'s arguments: the job's children).
 Handler = Callable[[Dict[str, Any]], Any]
 
 _COUNTS = (
@@ -41,10 +42,12 @@ class Worker:
     """Threads that claim jobs, run ``handler`` on each, and record the outcome.
 
     ``handler(job_row) -> result``: ``job_row`` is the claimed row (the columns of
-    ``queries.CLAIMED_COLUMNS``); the result (None, or a mapping with
-    ``highlights``, ``output_path`` and ``metrics``) is written with the job's
-    completion, with the worker's ``handler`` stage timing; an exception fails that
-    job alone (retried later with backoff).
+    ``queries.CLAIMED_COLUMNS``, and ``children_done``); the result (None, or a
+    mapping with ``highlights``, ``output_path``, ``metrics`` and ``spawn``) is
+    written with the job's completion, with the worker's ``handler`` stage timing;
+    an exception fails that job alone (retried later with backoff). A job that
+    spawned children ends ``waiting`` for them, and comes back with
+    ``children_done`` once they all finished (see ``JobHandle.spawn``).
 
     Batches: a thread claims up to N due jobs in one statement and runs them one by
     one. N starts at 1, doubles after a full batch up to ``CLAIM_BATCH_MAX``, falls
@@ -270,7 +273,7 @@ class Worker:
                 continue
             delay = self.idle_min
             got = len(rows)
-            handles = [JobHandle(row, worker_id) for row in rows]
+            handles = [JobHandle(row, worker_id, self.jobs) for row in rows]
             self.jobs.hold(handles)
             self._add(claimed=got)
             try:
@@ -385,7 +388,7 @@ def _apply_result(job: JobHandle, result: Any) -> None:
             "a handler returns None or a dict with highlights, output_path and "
             f"metrics, not {type(result).__name__}"
         )
-    unknown = set(result) - {"highlights", "output_path", "metrics"}
+    unknown = set(result) - {"highlights", "output_path", "metrics", "spawn"}
     if unknown:
         raise TypeError(f"a handler's result has unknown keys: {sorted(unknown)}")
     job.add_highlights(result.get("highlights") or ())
@@ -393,3 +396,7 @@ def _apply_result(job: JobHandle, result: Any) -> None:
         job.output_path = str(result["output_path"])
     for stage, ms in (result.get("metrics") or {}).items():
         job.record(str(stage), float(ms))
+    for child in result.get("spawn") or ():
+        if not isinstance(child, Mapping):
+            raise TypeError(f"a child to spawn is a dict, not {type(child).__name__}")
+        job.spawn(**child)
