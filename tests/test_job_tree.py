@@ -8,6 +8,8 @@ sent (notifications).
 
 from __future__ import annotations
 
+import io
+import re
 import select
 import threading
 import time
@@ -19,6 +21,7 @@ import psycopg2.extensions
 import pytest
 
 from pgaccess import Database
+from pgaccess.demo import print_summary, run_demo
 from pgaccess.jobs import JobBusy, JobHandle, JobLost, VideoJobs, Worker
 from pgaccess.jobs import queries as Q
 from pgaccess.testing import TestServer
@@ -246,6 +249,7 @@ def test_a_failed_parent_spawns_nothing_and_its_rerun_does_not_spawn_twice(
     db: Database, jobs: VideoJobs
 ) -> None:
     parent_id = jobs.enqueue("flaky", "/in/flaky", max_attempts=2)
+    jobs.BACKOFF_BASE = jobs.BACKOFF_MAX = 0.5  # the parent waits: claims see none
     with pytest.raises(RuntimeError), jobs.processing("w") as job:
         assert job is not None
         first = [job.spawn(f"flaky/{i}", None) for i in range(2)]
@@ -253,7 +257,7 @@ def test_a_failed_parent_spawns_nothing_and_its_rerun_does_not_spawn_twice(
     assert row(db, parent_id)["status"] == "queued"
     assert statuses(db, first) == ["waiting", "waiting"]  # not released
     assert claim_all(jobs, "other") == []
-    time.sleep(0.05)  # the backoff
+    time.sleep(0.6)  # the backoff
     with jobs.processing("w") as job:
         assert job is not None and job.id == parent_id
         again = [job.spawn(f"flaky/{i}", None) for i in range(3)]
@@ -550,3 +554,33 @@ def test_the_upgrade_from_the_previous_schema_makes_the_newest_one(
     finally:
         for n in names:
             pgaccess_server.drop_database(n)
+
+
+# ----------------------------------------------------------------- the demo
+def test_the_demo_splits_each_video_into_segments_and_merges_them(
+    db: Database, pgaccess_dsn: str
+) -> None:
+    out = io.StringIO()
+    summary = run_demo(
+        jobs=6, workers=3, segments=4, fail_rate=0.0, dsn=pgaccess_dsn, out=out
+    )
+    assert (summary["completed"], summary["unfinished"]) == (6, 0)
+    assert summary["segments"] == {"completed": 24, "failed": 0, "total": 24}
+    assert summary["retried"] == 0  # the merge is not a retry
+    print_summary(summary, out)
+    assert re.search(r"segments completed +24 ", out.getvalue())
+    videos = db.execute(
+        "SELECT id, status, output_path, attempts FROM video_job "
+        "WHERE parent_id IS NULL ORDER BY id"
+    )
+    assert len(videos) == 6
+    for video in videos:
+        # Split on its first run, merged on its second.
+        assert (video["status"], video["attempts"]) == ("completed", 2)
+        parts = VideoJobs(db).children(video["id"])
+        assert [p["job_number"] for p in parts] == [
+            f"{video['id']}.{k}" for k in range(1, 5)
+        ]
+        assert {p["status"] for p in parts} == {"completed"}
+    merged = db.count("processing_metrics", {"stage": "merge"})
+    assert merged == 6

@@ -242,6 +242,7 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
                 force=args.force,
                 out=out,
                 stop=stop,
+                segments=args.segments,
             )
     except RuntimeError as exc:
         print(f"pgaccess demo: {exc}", file=sys.stderr)
@@ -323,6 +324,12 @@ def _parser() -> argparse.ArgumentParser:
         "--zero-cost",
         action="store_true",
         help="a handler that does nothing: measures claim + complete throughput",
+    )
+    p.add_argument(
+        "--segments",
+        type=int,
+        default=0,
+        help="split each video into N child jobs, merged when they are done (0)",
     )
     p.add_argument(
         "--force",

@@ -70,6 +70,44 @@ def _zero_cost_handler(job: Dict[str, Any]) -> None:
     return None
 
 
+def _splitting_handler(queue: VideoJobs, segment: Handler, segments: int) -> Handler:
+    """A video split into ``segments`` children, each run by ``segment``, then merged.
+
+    First run of a video: spawn its segments (they start when this run ends, and the
+    video waits). Last segment finished: the video comes back with
+    ``children_done``; the merge reads the segments and writes the video's output,
+    or fails when a segment failed for good.
+    """
+
+    def handler(job: Dict[str, Any]) -> Any:
+        if job["parent_id"] is not None:
+            return segment(job)
+        if not job["children_done"]:
+            length = 600.0 / segments
+            return {
+                "spawn": [
+                    {
+                        "src_hash": f"{job['src_hash']}/seg{k}",
+                        "input_path": f"{job['input_path']}#t={k * length:g},"
+                        f"{(k + 1) * length:g}",
+                        "priority": job["priority"],
+                    }
+                    for k in range(segments)
+                ]
+            }
+        t0 = perf_counter()
+        parts = queue.children(job["id"])
+        lost = [p["job_number"] for p in parts if p["status"] != "completed"]
+        if lost:
+            raise SyntheticFailure(f"segments {', '.join(lost)} did not complete")
+        return {
+            "output_path": f"/demo/out/{job['src_hash']}.json",
+            "metrics": {"merge": (perf_counter() - t0) * 1000.0},
+        }
+
+    return handler
+
+
 _DEMO_DATABASE = "pgaccess_demo"
 
 
@@ -163,15 +201,20 @@ def run_demo(
     force: bool = False,
     out: TextIO = sys.stdout,
     stop: Optional[threading.Event] = None,
+    segments: int = 0,
 ) -> Dict[str, Any]:
     """Run the pipeline demo and return its summary (this run's jobs only).
 
     Enqueues ``jobs`` synthetic videos under a fresh run id, processes them with
     ``workers`` threads, shows progress on ``out``, and returns the counts read back
-    from the database. Refuses (``RuntimeError``) a database holding queued work
+    from the database. ``segments``: each video is split into that many child jobs
+    (``JobHandle.spawn``), processed in parallel, and merged when the last one
+    finished. Refuses (``RuntimeError``) a database holding queued work
     that is not the demo's, unless ``force``: its workers would take it. Blocks until
     every job of the run is finished or ``stop`` is set.
     """
+    if segments < 0:
+        raise RuntimeError(f"segments must be 0 or more, not {segments}")
     seed = random.randrange(2**31) if seed is None else seed
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     with contextlib.ExitStack() as stack:
@@ -187,7 +230,7 @@ def run_demo(
                 "run it on a scratch database (or pass --force)"
             )
         return _run_demo(
-            db, run_id, jobs, workers, fail_rate, seed, zero_cost, out, stop
+            db, run_id, jobs, workers, fail_rate, seed, zero_cost, out, stop, segments
         )
 
 
@@ -201,6 +244,7 @@ def _run_demo(
     zero_cost: bool,
     out: TextIO,
     stop: Optional[threading.Event],
+    segments: int = 0,
 ) -> Dict[str, Any]:
     rng = random.Random(seed)
     queue = VideoJobs(db)
@@ -217,8 +261,12 @@ def _run_demo(
             for i in range(first, min(first + 1000, n_jobs))
         )
     handler = _zero_cost_handler if zero_cost else _synthetic_handler(seed, fail_rate)
+    if segments:
+        handler = _splitting_handler(queue, handler, segments)
     print(
-        f"pgaccess demo: run {run_id}: {n_jobs} videos, {workers} worker threads, "
+        f"pgaccess demo: run {run_id}: {n_jobs} videos"
+        + (f" in {segments} segments each" if segments else "")
+        + f", {workers} worker threads, "
         + (
             "zero-cost handler"
             if zero_cost
@@ -259,6 +307,7 @@ def _run_demo(
     totals = db.execute(Q.DEMO_RUN_TOTALS, {"ids": ids, "started": started})[0]
     progress.show(totals, final=True)
     stages = Metrics(db).summary(job_ids=ids)
+    split = db.execute(Q.DEMO_SEGMENTS, {"ids": ids})[0] if segments else None
     pool = db.stats()["pool"]
     finished = int(totals["completed"]) + int(totals["failed"])
     elapsed = totals["elapsed_s"] or 0.0
@@ -276,6 +325,7 @@ def _run_demo(
         "retried": int(totals["retried"]),
         "failed_attempts": int(totals["attempts"]) - int(totals["completed"]),
         "highlights": int(totals["highlights"]),
+        "segments": None if split is None else {k: int(v) for k, v in split.items()},
         "stages": stages,
         "elapsed_s": elapsed,
         "jobs_per_s": finished / elapsed if elapsed > 0 else None,
@@ -299,6 +349,12 @@ def print_summary(s: Dict[str, Any], out: TextIO) -> None:
         f"(needed more than one attempt; {s['failed_attempts']} failed attempts)",
         f"  highlights written   {s['highlights']:>8}",
     ]
+    split = s.get("segments")
+    if split:
+        lines.append(
+            f"  segments completed   {split['completed']:>8}   (of {split['total']}, "
+            f"{split['failed']} failed; each video merged from its segments)"
+        )
     if s["unfinished"] or s["cancelled"]:
         lines.append(
             f"  jobs unfinished      {s['unfinished']:>8}   "

@@ -615,12 +615,15 @@ ORDER BY stage
 """
 
 # The demo's progress (``pgaccess demo``): its run's jobs by state, and whether the
-# database holds work that is not the demo's.
+# database holds work that is not the demo's. A video split into segments runs once
+# more to merge them (children_pending = 0): that run is not a retry.
 DEMO_PROGRESS = """
 SELECT count(*) FILTER (WHERE status = 'completed') AS completed,
        count(*) FILTER (WHERE status = 'failed') AS failed,
-       count(*) FILTER (WHERE status IN ('queued', 'processing')) AS unfinished,
-       count(*) FILTER (WHERE attempts > 1) AS retried
+       count(*) FILTER (WHERE status IN ('queued', 'processing', 'waiting'))
+           AS unfinished,
+       count(*) FILTER (WHERE attempts > 1 + coalesce((children_pending = 0)::int, 0))
+           AS retried
 FROM video_job WHERE id = ANY(%(ids)s::bigint[])
 """
 
@@ -628,14 +631,25 @@ DEMO_RUN_TOTALS = """
 SELECT count(*) FILTER (WHERE status = 'completed') AS completed,
        count(*) FILTER (WHERE status = 'failed') AS failed,
        count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-       count(*) FILTER (WHERE status IN ('queued', 'processing')) AS unfinished,
-       count(*) FILTER (WHERE attempts > 1) AS retried,
-       coalesce(sum(attempts), 0) AS attempts,
+       count(*) FILTER (WHERE status IN ('queued', 'processing', 'waiting'))
+           AS unfinished,
+       count(*) FILTER (WHERE attempts > 1 + coalesce((children_pending = 0)::int, 0))
+           AS retried,
+       coalesce(sum(attempts - coalesce((children_pending = 0)::int, 0)), 0)
+           AS attempts,
        (SELECT count(*) FROM highlight WHERE job_id = ANY(%(ids)s::bigint[]))
            AS highlights,
        extract(epoch FROM max(finished_at) - %(started)s::timestamptz)::float8
            AS elapsed_s
 FROM video_job WHERE id = ANY(%(ids)s::bigint[])
+"""
+
+# The segments of the demo's videos split into children (``pgaccess demo --segments``).
+DEMO_SEGMENTS = """
+SELECT count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) AS total
+FROM video_job WHERE parent_id = ANY(%(ids)s::bigint[])
 """
 
 DEMO_FOREIGN_WORK = """
