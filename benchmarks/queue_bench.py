@@ -2,7 +2,8 @@
 """The job queue of pgaccess beside PgQueuer, pq and procrastinate: one server, one run.
 
     python benchmarks/queue_bench.py [--quick] [--jobs N] [--threads 1,4,8]
-        [--systems pgaccess-worker,pgaccess-claim,pgqueuer,pq,procrastinate]
+        [--systems pgaccess-worker,pgaccess-worker-limits,pgaccess-claim,pgqueuer,pq,
+                   procrastinate]
         [--latency-threads 1,4] [--latency-seconds S] [--cell-timeout S]
         [--dsn DSN | env PGACCESS_DSN] [--out benchmarks/results/queue]
 
@@ -29,6 +30,8 @@ Each peer is used as its documentation recommends (its fast path):
 
 - pgaccess Worker: ``Worker(Database(dsn), handler, threads=T)``, every default (pool of
   2 x cores, metrics recorded with each completion, idle back-off 50 ms .. 2 s).
+  pgaccess Worker, per-key limits: the same, the jobs spread over 10 concurrency keys
+  each with a limit (``set_concurrency``) too high to bind: what the limits cost.
   pgaccess claim(25): T threads looping ``claim(worker_id, limit=25)`` then
   ``complete(id, worker_id)`` per job (sleeping 50 ms when the queue is empty). Only
   the public ``VideoJobs``/``Worker`` API is used.
@@ -102,22 +105,26 @@ from psycopg2.extensions import make_dsn, parse_dsn
 compare.TEXT_COLUMNS = (*compare.TEXT_COLUMNS, "system", "exactly once", "statement")
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "queue"
-WORKER, CLAIM, PGQUEUER, PQ, PROCRASTINATE = (
+WORKER, WORKER_LIMITS, CLAIM, PGQUEUER, PQ, PROCRASTINATE = (
     "pgaccess-worker",
+    "pgaccess-worker-limits",
     "pgaccess-claim",
     "pgqueuer",
     "pq",
     "procrastinate",
 )
-ALL_SYSTEMS = (WORKER, CLAIM, PGQUEUER, PQ, PROCRASTINATE)
+ALL_SYSTEMS = (WORKER, WORKER_LIMITS, CLAIM, PGQUEUER, PQ, PROCRASTINATE)
 LABELS = {
     WORKER: "pgaccess Worker (defaults)",
+    WORKER_LIMITS: "pgaccess Worker, per-key limits",
     CLAIM: "pgaccess claim(25)+complete",
     PGQUEUER: "PgQueuer (asyncpg, batch 25)",
     PQ: "pq (psycopg2)",
     PROCRASTINATE: "procrastinate (psycopg 3)",
 }
 LATENCY_SYSTEMS = (WORKER, PGQUEUER, PQ, PROCRASTINATE)  # claim(25) polls as told
+LIMIT_KEYS = 10  # the limits row: jobs spread over this many concurrency keys ...
+LIMIT_PER_KEY = 1000  # ... each limited to this many processing at once
 CLAIM_BATCH = 25
 CLAIM_IDLE_S = 0.05  # the claim loop's sleep on an empty queue (Worker.IDLE_MIN)
 PGQ_BATCH = 25
@@ -378,6 +385,38 @@ class PgaccessWorker(PgaccessBase):
         finally:
             worker.stop()
             worker.join(STOP_TIMEOUT_S)
+            db.close()
+
+
+class PgaccessWorkerLimits(PgaccessWorker):
+    """The Worker row with every job under one of LIMIT_KEYS concurrency keys, each
+    limited to LIMIT_PER_KEY jobs, more than the consumers ever hold (claimed
+    batches included): the limits never bind, so the row shows what the per-key
+    claim costs, not a throttle."""
+
+    name = WORKER_LIMITS
+    tables = ("video_job", "video_job_concurrency")
+
+    def enqueue_batch(self, keys: List[str]) -> float:
+        from pgaccess import VideoJobs
+
+        db = self._db()
+        try:
+            jobs = VideoJobs(db)
+            for k in range(LIMIT_KEYS):
+                jobs.set_concurrency(f"key{k}", LIMIT_PER_KEY)
+            items = [
+                {
+                    "src_hash": key,
+                    "input_path": key_path(key),
+                    "concurrency_key": f"key{i % LIMIT_KEYS}",
+                }
+                for i, key in enumerate(keys)
+            ]
+            t0 = time.perf_counter()
+            jobs.enqueue_many(items)
+            return time.perf_counter() - t0
+        finally:
             db.close()
 
 
@@ -716,13 +755,15 @@ class Procrastinate(AsyncSystem):
 
 SYSTEM_CLASSES = {
     WORKER: PgaccessWorker,
+    WORKER_LIMITS: PgaccessWorkerLimits,
     CLAIM: PgaccessClaim,
     PGQUEUER: PgQueuer,
     PQ: Pq,
     PROCRASTINATE: Procrastinate,
 }
-DATABASES = {  # both pgaccess rows share one database (one schema)
+DATABASES = {  # the pgaccess rows share one database (one schema)
     WORKER: "bench_queue_pgaccess",
+    WORKER_LIMITS: "bench_queue_pgaccess",
     CLAIM: "bench_queue_pgaccess",
     PGQUEUER: "bench_queue_pgqueuer",
     PQ: "bench_queue_pq",
@@ -981,6 +1022,15 @@ def drain_table(
             if c and (c.error or c.exact())
         ]
         rows.append([LABELS[s], *map(cell_rate, mine), "; ".join(bad) or "yes"])
+    if WORKER in plan.systems and WORKER_LIMITS in plan.systems:
+        ratios = [
+            fmt_ratio(
+                getattr(cells.get((WORKER_LIMITS, t)), "jobs_per_s", None),
+                getattr(cells.get((WORKER, t)), "jobs_per_s", None),
+            )
+            for t in plan.threads
+        ]
+        rows.append(["ratio with limits / without", *ratios, ""])
     if PGQUEUER in plan.systems:
         for s in (WORKER, CLAIM):
             if s in plan.systems:
