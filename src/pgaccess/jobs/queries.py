@@ -51,7 +51,8 @@ def fan_in(finished: str) -> str:
     completion then does). Exactly once: the UPDATE of the parent row re-reads the
     newest ``children_pending`` (a concurrent finisher's decrement committed first),
     so only one statement sees it reach 0. The parents are locked in id order first,
-    so two batches finishing children of the same parents do not deadlock.
+    so two batches finishing children of the same parents do not deadlock (the
+    parent of a tracked child is processing, not waiting: left alone).
     With no parent among ``finished`` (the common case), both find nothing.
     """
     return f"""
@@ -59,6 +60,7 @@ fan_lock AS MATERIALIZED (
     SELECT p.id FROM video_job AS p
     WHERE p.id IN (SELECT f.parent_id FROM ({finished}) AS f
                    WHERE f.parent_id IS NOT NULL)
+      AND p.status = 'waiting'
     ORDER BY p.id
     FOR NO KEY UPDATE OF p
 ), fan AS (
