@@ -320,6 +320,57 @@ def test_a_failed_or_cancelled_child_queues_the_parent_even_with_then_complete(
     assert row(db, parent_id)["status"] == "completed"
 
 
+def test_one_batch_finishing_several_children_counts_each_once(
+    db: Database, jobs: VideoJobs
+) -> None:
+    parent_id = jobs.enqueue("batch-parent", None)
+    with jobs.processing("w") as job:
+        assert job is not None
+        kids = [job.spawn(f"batch-parent/{i}", None) for i in range(4)]
+    rows = jobs.claim("batcher", limit=10)
+    handles = [JobHandle(r, "batcher", jobs) for r in rows]
+    done = jobs.complete_many(handles[:3])  # three children in one statement
+    assert sorted(done.completed) == sorted(kids[:3])
+    assert row(db, parent_id)["children_pending"] == 1
+    assert row(db, parent_id)["status"] == "waiting"
+    jobs.complete_many(handles[3:])
+    parent = row(db, parent_id)
+    assert (parent["status"], parent["children_pending"]) == ("queued", 0)
+
+
+def test_a_child_reclaimed_out_of_attempts_finishes_for_its_parent(
+    db: Database, jobs: VideoJobs
+) -> None:
+    parent_id = jobs.enqueue("stale-parent", None)
+    with jobs.processing("w") as job:
+        assert job is not None
+        kid = job.spawn("stale-parent/0", None, max_attempts=1)
+    assert claim_all(jobs, "dies") == [kid]
+    assert jobs.reclaim_stale(0) == 1
+    parent = row(db, parent_id)
+    assert (row(db, kid)["status"], parent["status"]) == ("failed", "queued")
+    assert parent["children_failed"] == 1
+
+
+def test_then_complete_on_a_nested_parent_queues_it_for_its_handler(
+    db: Database, jobs: VideoJobs
+) -> None:
+    top = jobs.enqueue("nest", None)
+    with jobs.processing("w1") as job:
+        assert job is not None
+        mid = job.spawn("nest/mid", None, then="complete")
+    with jobs.processing("w2") as job:
+        assert job is not None and job.id == mid
+        leaf = job.spawn("nest/mid/leaf", None, then="complete")
+    assert claim_all(jobs, "w3") == [leaf]
+    jobs.complete(leaf, "w3")
+    # mid has a parent of its own: its handler's completion must tell it.
+    assert statuses(db, [top, mid]) == ["waiting", "queued"]
+    with jobs.processing("w4") as job:
+        assert job is not None and job.id == mid and job.children_done
+    assert statuses(db, [top, mid]) == ["completed", "completed"]
+
+
 def test_cancelling_a_parent_cancels_its_queued_and_waiting_descendants(
     db: Database, jobs: VideoJobs
 ) -> None:
