@@ -298,7 +298,8 @@ def key_path(key: str) -> str:
 
 
 class PgaccessBase(System):
-    tables = ("video_job",)
+    # The limits row's limits must not outlive it: emptied with the queue.
+    tables = ("video_job", "video_job_concurrency")
 
     def install(self) -> None:
         from pgaccess import schema
@@ -395,7 +396,6 @@ class PgaccessWorkerLimits(PgaccessWorker):
     claim costs, not a throttle."""
 
     name = WORKER_LIMITS
-    tables = ("video_job", "video_job_concurrency")
 
     def enqueue_batch(self, keys: List[str]) -> float:
         from pgaccess import VideoJobs

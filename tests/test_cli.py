@@ -66,6 +66,7 @@ def test_init_db_applies_the_schema_and_is_idempotent(
             "highlight",
             "processing_metrics",
             "video_job",
+            "video_job_concurrency",
         ]
         assert len(indexes) == 1
     finally:

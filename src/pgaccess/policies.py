@@ -123,12 +123,7 @@ HIGHLIGHT = WritePolicy(
 PROCESSING_METRICS = WritePolicy(
     "processing_metrics", keys=[("op_id",), ("id",)], generated=("op_id", _new_op_id)
 )
-VIDEO_JOB_CONCURRENCY = WritePolicy(
-    "video_job_concurrency", keys=[("concurrency_key",)]
-)
-PIPELINE = WritePolicies(
-    VIDEO_JOB, HIGHLIGHT, PROCESSING_METRICS, VIDEO_JOB_CONCURRENCY
-)
+PIPELINE = WritePolicies(VIDEO_JOB, HIGHLIGHT, PROCESSING_METRICS)
 
 
 def conflict_target(policy: WritePolicy) -> str:
