@@ -274,8 +274,25 @@ hl AS (
 )"""
 
 # One statement, so one transaction: the job is completed together with its highlights
-# and metrics (and its parent's fan-in), or not at all.
+# and metrics, or not at all. COMPLETE is for a job without a parent (the usual one):
+# a child matches nothing here and is completed by COMPLETE_CHILD, which also does its
+# parent's fan-in. Two statements rather than one, because the fan-in's CTEs cost
+# every completion more planning time than the completion itself.
 COMPLETE = f"""
+WITH done AS (
+    UPDATE video_job
+    SET status = 'completed', output_path = %(output_path)s, error = NULL,
+        finished_at = now(), heartbeat_at = now(), updated_at = now()
+    WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
+      AND parent_id IS NULL
+    RETURNING id
+), {_COMPLETION_WRITES}
+SELECT (SELECT count(*) FROM done) AS completed,
+       (SELECT count(*) FROM hl) AS highlights,
+       (SELECT count(*) FROM m) AS metrics
+"""
+
+COMPLETE_CHILD = f"""
 WITH done AS (
     UPDATE video_job
     SET status = 'completed', output_path = %(output_path)s, error = NULL,
@@ -329,9 +346,10 @@ SELECT (SELECT count(*) FROM done) AS completed,
 
 # COMPLETE for a batch of jobs held by one worker, in one statement (one transaction):
 # each job is completed with its own highlights and timings or not at all, as COMPLETE
-# does it; a job no longer held is left alone and missing from the result. Returns the
-# ids completed.
-COMPLETE_MANY = f"""
+# does it; a job no longer held (or, here, a child) is left alone and missing from the
+# result. Returns the ids completed. COMPLETE_MANY_CHILD: the same for a batch with
+# children, with their parents' fan-in.
+_COMPLETE_MANY = f"""
 WITH done AS (
     UPDATE video_job AS v
     SET status = 'completed', output_path = c.output_path, error = NULL,
@@ -355,13 +373,22 @@ WITH done AS (
         AS m(job_id, stage, duration_ms)
     JOIN done ON done.id = m.job_id
     ON CONFLICT ({_METRIC_KEY}) DO NOTHING
-), {fan_in("SELECT parent_id, status FROM done")}
+){{fan_in}}
 SELECT id FROM done
 """
+COMPLETE_MANY = _COMPLETE_MANY.format(fan_in="").replace(
+    "AND v.locked_by = %(worker)s\n",
+    "AND v.locked_by = %(worker)s\n      AND v.parent_id IS NULL\n",
+)
+COMPLETE_MANY_CHILD = _COMPLETE_MANY.format(
+    fan_in=", " + fan_in("SELECT parent_id, status FROM done")
+)
 
 # attempts was counted at claim time: after the first failure the wait is BACKOFF_BASE,
 # then doubles, capped at BACKOFF_MAX.
-FAIL = f"""
+# FAIL for a job without a parent; FAIL_CHILD (a child, when FAIL matched nothing)
+# also does the parent's fan-in when the child failed for good.
+_FAIL = """
 WITH failed AS (
 UPDATE video_job
 SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
@@ -372,11 +399,17 @@ SET status = CASE WHEN attempts < max_attempts THEN 'queued' ELSE 'failed' END,
         ELSE run_after END,
     finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE now() END,
     updated_at = now()
-WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s
+WHERE id = %(id)s AND status = 'processing' AND locked_by = %(worker)s{guard}
 RETURNING status, parent_id
-), {fan_in("SELECT parent_id, status FROM failed WHERE status = 'failed'")}
+){fan_in}
 SELECT status FROM failed
 """
+FAIL = _FAIL.format(guard="\n  AND parent_id IS NULL", fan_in="")
+FAIL_CHILD = _FAIL.format(
+    guard="",
+    fan_in=", "
+    + fan_in("SELECT parent_id, status FROM failed WHERE status = 'failed'"),
+)
 
 # A released job is due at once: wake an idle worker for it (the insert trigger only
 # sees new jobs). The notification goes out when the statement commits. The final

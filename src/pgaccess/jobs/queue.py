@@ -290,7 +290,8 @@ class JobHandle:
         self.worker_id = worker_id
         self._jobs = jobs
         # The children this block spawned (ids, in order), released with its end;
-        # the tracked children open under it. Made on first use: most jobs have none.
+        # the tracked children open under it; both None until the first (most jobs
+        # have none). The lock guards them: other threads spawn and open children.
         self.spawned: Optional[List[int]] = None
         self.then_complete = False
         self._open: Optional[Dict[JobHandle, None]] = None
@@ -904,17 +905,26 @@ class VideoJobs:
 
     # -------------------------------------------------- a held job's updates
     def _held_update(
-        self, action: str, job_id: int, worker_id: str, query: str, params: Row
+        self,
+        action: str,
+        job_id: int,
+        worker_id: str,
+        query: str,
+        params: Row,
+        child_query: Optional[str] = None,
     ) -> Optional[Row]:
         """Run a conditional update of a held job; None when a retry finds it done.
 
         ``query`` returns the updated rows (for the completion, a row with
-        ``completed`` = 1). No row: if the job is in the state this action leaves it
-        in and still names this worker (a retried call whose first attempt landed,
-        or a repeated call), it is done; otherwise ``JobLost``.
+        ``completed`` = 1). No row: ``child_query`` (the statement for a child job,
+        which ``query`` leaves alone) if given; then, if the job is in the state this
+        action leaves it in and still names this worker (a retried call whose first
+        attempt landed, or a repeated call), it is done; otherwise ``JobLost``.
         """
         check_id(job_id)
         rows = self._write(query, params)
+        if not (rows and rows[0].get("completed", 1)) and child_query is not None:
+            rows = self._write(child_query, params)
         if rows and rows[0].get("completed", 1):
             return rows[0]
         state = self.db.execute(Q.JOB_STATE, {"id": job_id})
@@ -974,7 +984,9 @@ class VideoJobs:
         timings: Sequence[Tuple[Optional[str], str, float]],
         spawned: Optional[Sequence[int]] = None,
         then_complete: bool = False,
+        child: Optional[bool] = None,
     ) -> None:
+        """``child``: whether the job has a parent (None: not known)."""
         starts, ends, scores, labels = highlight_columns(highlights)
         params = {
             "id": job_id,
@@ -992,8 +1004,12 @@ class VideoJobs:
             params["children"] = list(spawned)
             params["then_complete"] = then_complete
             self._held_update("complete", job_id, worker_id, Q.COMPLETE_PARENT, params)
-            return
-        self._held_update("complete", job_id, worker_id, Q.COMPLETE, params)
+        elif child:
+            self._held_update("complete", job_id, worker_id, Q.COMPLETE_CHILD, params)
+        else:
+            self._held_update(
+                "complete", job_id, worker_id, Q.COMPLETE, params, Q.COMPLETE_CHILD
+            )
 
     def _finish(self, handle: JobHandle) -> None:
         """A block's clean end: its open tracked children failed, then the job
@@ -1010,6 +1026,7 @@ class VideoJobs:
             handle.timings,
             spawned,
             handle.then_complete,
+            handle.parent_id is not None,
         )
 
     def _fail_orphans(self, handle: JobHandle, error: str) -> None:
@@ -1053,7 +1070,7 @@ class VideoJobs:
             "base": float(self.BACKOFF_BASE),
             "max": float(self.BACKOFF_MAX),
         }
-        row = self._held_update("fail", job_id, worker_id, Q.FAIL, params)
+        row = self._held_update("fail", job_id, worker_id, Q.FAIL, params, Q.FAIL_CHILD)
         if row is None:  # a retry found it done: read what it became
             state = self.db.execute(Q.JOB_STATE, {"id": job_id})
             return str(state[0]["status"])
@@ -1418,8 +1435,16 @@ class VideoJobs:
                 "stages": stages,
                 "durations": durations,
             }
+            # The plain statement when no job has a parent (it leaves a child alone);
+            # a batch with children also does their parents' fan-in.
+            children = any(h.row.get("parent_id") is not None for h in ready)
+            query = Q.COMPLETE_MANY_CHILD if children else Q.COMPLETE_MANY
             try:
-                rows = self._write(Q.COMPLETE_MANY, params)
+                rows = self._write(query, params)
+                if len(rows) < len(ready) and not children:
+                    # A child the rows did not tell of (a handle made by hand), or a
+                    # job no longer held: the children's statement completes the one.
+                    rows += self._write(Q.COMPLETE_MANY_CHILD, params)
             except (IntegrityError, DataError):
                 # A constraint refused what some job carries: single it out.
                 if len(ready) > 1:
@@ -1466,6 +1491,7 @@ class VideoJobs:
                     h.timings,
                     h.spawned,
                     h.then_complete,
+                    h.parent_id is not None,
                 )
             except JobLost as exc:
                 lost.append(exc)
