@@ -540,7 +540,8 @@ CATALOG = {
 
 
 def catalog(dsn: str) -> Dict[str, Any]:
-    """What the upgrade must match: columns, constraints, indexes, options."""
+    """What the upgrade must match: columns, constraints, indexes, options, and the
+    schema's functions."""
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
@@ -549,6 +550,11 @@ def catalog(dsn: str) -> Dict[str, Any]:
                 for what, query in CATALOG.items():
                     cur.execute(query, (table,))
                     out[f"{table} {what}"] = cur.fetchall()
+            cur.execute(
+                "SELECT proname, pg_get_functiondef(oid) FROM pg_proc "
+                "WHERE proname LIKE 'pgaccess%%' ORDER BY proname"
+            )
+            out["functions"] = cur.fetchall()
             return out
     finally:
         conn.close()

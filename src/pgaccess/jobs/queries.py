@@ -150,65 +150,53 @@ SELECT * FROM claimed ORDER BY priority DESC, created_at, id
 
 # CLAIM when some key has a limit. One statement; a limited key's claims are
 # serialized on its video_job_concurrency row:
-# - lim: each limited key's free slots, as this statement's snapshot counts them;
-# - cand: the best due jobs, skipping keys already full, locked SKIP LOCKED;
-# - gate: the rows of the limited keys among them, locked (SKIP LOCKED: a key another
-#   claim holds is left for the next claim). A locked row that is newer than the one
-#   the snapshot saw means a claim of that key committed after the snapshot was taken,
-#   so the count may miss its jobs: the key is skipped this time. Otherwise every
-#   claim of the key committed before the snapshot, and the count is exact;
-# - take: the jobs without a limit, and per open key no more than its free slots;
-# - bump: rewrites each key row it took jobs of (in the same transaction as the
-#   claim), which is how the next claim of the key knows about this one.
-# Finishing jobs only frees slots: a count that misses them is merely cautious.
+# - hint: the limited keys already full as this statement's snapshot counts them;
+# - cand: the best due jobs, skipping those keys, locked SKIP LOCKED;
+# - gate: the rows of the limited keys among them, locked in key order (a claim of
+#   the same key waits for this one to commit; the order rules out deadlocks);
+# - open: each gated key's free slots, counted by pgaccess_processing(), a VOLATILE
+#   PL/pgSQL function, so with a snapshot taken after the lock: every claim of the key
+#   committed before it is counted (the statement's own snapshot may predate them),
+#   and none can be in flight;
+# - take: the jobs without a limit, and per gated key no more than its free slots.
 CLAIM_LIMITED = f"""
-WITH lim AS MATERIALIZED (
-    SELECT c.concurrency_key AS key, c.xmin::text || c.ctid::text AS seen,
-           c.max_running - (
-               SELECT count(*) FROM video_job AS r
-               WHERE r.status = 'processing' AND r.concurrency_key = c.concurrency_key
-           ) AS free
-    FROM video_job_concurrency AS c
+WITH hint AS MATERIALIZED (
+    SELECT c.concurrency_key AS key FROM video_job_concurrency AS c
+    WHERE c.max_running <= (
+        SELECT count(*) FROM video_job AS r
+        WHERE r.status = 'processing' AND r.concurrency_key = c.concurrency_key)
 ), cand AS MATERIALIZED (
     SELECT v.id, v.concurrency_key AS key, v.priority, v.created_at
     FROM video_job AS v
     WHERE v.status = 'queued' AND v.run_after <= now() AND v.attempts < v.max_attempts
-      AND (v.concurrency_key IS NULL OR NOT EXISTS (
-          SELECT 1 FROM lim WHERE lim.key = v.concurrency_key AND lim.free <= 0))
+      AND (v.concurrency_key IS NULL
+           OR NOT EXISTS (SELECT 1 FROM hint WHERE hint.key = v.concurrency_key))
     ORDER BY v.priority DESC, v.created_at, v.id
     LIMIT %(limit)s
     FOR NO KEY UPDATE OF v SKIP LOCKED
 ), gate AS MATERIALIZED (
-    SELECT c.concurrency_key AS key, c.xmin::text || c.ctid::text AS seen
+    SELECT c.concurrency_key AS key, c.max_running
     FROM video_job_concurrency AS c
     WHERE c.concurrency_key IN (SELECT key FROM cand WHERE key IS NOT NULL)
     ORDER BY c.concurrency_key
-    FOR UPDATE OF c SKIP LOCKED
+    FOR UPDATE OF c
 ), open AS MATERIALIZED (
-    SELECT lim.key, lim.free FROM lim JOIN gate USING (key, seen)
+    SELECT key, max_running - pgaccess_processing(key) AS free FROM gate
 ), take AS MATERIALIZED (
-    SELECT x.id, x.key FROM (
+    SELECT x.id FROM (
         SELECT cand.id, cand.key, row_number() OVER (
             PARTITION BY cand.key ORDER BY cand.priority DESC, cand.created_at, cand.id
         ) AS nth
         FROM cand
     ) AS x
     LEFT JOIN open ON open.key = x.key
-    WHERE x.key IS NULL
-       OR NOT EXISTS (SELECT 1 FROM lim WHERE lim.key = x.key)
-       OR x.nth <= open.free
-), bump AS (
-    UPDATE video_job_concurrency AS c SET claimed_at = now()
-    FROM open
-    WHERE c.concurrency_key = open.key
-      AND EXISTS (SELECT 1 FROM take WHERE take.key = open.key)
-    RETURNING 1
+    WHERE x.key IS NULL OR open.key IS NULL OR x.nth <= open.free
 ), claimed AS (
     UPDATE video_job AS v
     SET status = 'processing', locked_by = %(worker)s, locked_at = now(),
         heartbeat_at = now(), attempts = v.attempts + 1, updated_at = now()
     FROM take
-    WHERE v.id = take.id AND (SELECT count(*) FROM bump) >= 0
+    WHERE v.id = take.id
     RETURNING {_RETURNING}
 )
 SELECT * FROM claimed ORDER BY priority DESC, created_at, id

@@ -26,7 +26,18 @@ CREATE INDEX IF NOT EXISTS video_job_key_processing_idx
 CREATE TABLE IF NOT EXISTS video_job_concurrency (
     concurrency_key text        PRIMARY KEY,
     max_running     integer     NOT NULL,
-    claimed_at      timestamptz,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT video_job_concurrency_max_running_check CHECK (max_running >= 0)
 );
+
+-- How many jobs of a concurrency key are processing, counted with a snapshot of its
+-- own: VOLATILE PL/pgSQL takes a new snapshot for each statement it runs, so a claim
+-- that calls it after locking the key's video_job_concurrency row counts every claim
+-- of that key committed before the lock (see pgaccess/jobs/queries.py, CLAIM_LIMITED).
+CREATE OR REPLACE FUNCTION pgaccess_processing(p_key text) RETURNS bigint
+    LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RETURN (SELECT count(*) FROM video_job
+            WHERE status = 'processing' AND concurrency_key = p_key);
+END
+$$;
