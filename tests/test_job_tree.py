@@ -21,6 +21,7 @@ import psycopg2.extensions
 import pytest
 
 from pgaccess import Database
+from pgaccess.cli import main
 from pgaccess.demo import print_summary, run_demo
 from pgaccess.jobs import JobBusy, JobHandle, JobLost, VideoJobs, Worker
 from pgaccess.jobs import queries as Q
@@ -646,3 +647,15 @@ def test_the_demo_splits_each_video_into_segments_and_merges_them(
         assert {p["status"] for p in parts} == {"completed"}
     merged = db.count("processing_metrics", {"stage": "merge"})
     assert merged == 6
+
+
+def test_pgaccess_stats_shows_the_waiting_parents(
+    db: Database, jobs: VideoJobs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs.enqueue("shown", None)
+    with jobs.processing("w") as job:
+        assert job is not None
+        job.spawn("shown/0", None)
+    capsys.readouterr()
+    assert main(["stats"]) == 0
+    assert re.search(r"^\s+waiting\s+1$", capsys.readouterr().out, re.MULTILINE)

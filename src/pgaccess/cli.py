@@ -103,7 +103,8 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
         print(json.dumps(report, indent=2, default=str), file=out)
         return 0
     print("queue", file=out)
-    for status in ("queued", "processing", "completed", "failed", "cancelled"):
+    statuses = ("queued", "processing", "waiting", "completed", "failed", "cancelled")
+    for status in statuses:
         print(f"  {status:<12} {queue[status]:>10}", file=out)
     print(f"  {'oldest queued':<20} {_fmt_seconds(queue['oldest_queued_s'])}", file=out)
     print(
