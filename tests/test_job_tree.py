@@ -440,6 +440,36 @@ def test_a_worker_fans_out_through_its_handlers_result_and_merges(
     )
 
 
+def test_a_track_in_a_worker_handler_is_a_child_of_its_job(
+    db: Database, jobs: VideoJobs
+) -> None:
+    parent_id = jobs.enqueue("handled", "/in/h")
+    made: List[int] = []
+
+    def handler(job: Dict[str, Any]) -> None:
+        for step in ("decode", "detect"):
+            with jobs.track(f"{job['src_hash']}/{step}") as child:
+                made.append(child.id)
+
+    worker = Worker(db, handler, threads=1, jobs=jobs, idle_min=0.01, idle_max=0.05)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while row(db, parent_id)["status"] != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+        assert worker.join(10)
+    children = jobs.children(parent_id)
+    assert [c["id"] for c in children] == made
+    assert [c["job_number"] for c in children] == [
+        f"{parent_id}.1",
+        f"{parent_id}.2",
+    ]
+    assert {c["status"] for c in children} == {"completed"}
+
+
 # ------------------------------------------------- the last two, at once
 class Notifications:
     """LISTEN on the queue's channel on a connection of its own."""

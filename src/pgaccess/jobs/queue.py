@@ -1134,13 +1134,12 @@ class VideoJobs:
         if handle is None:
             yield None
             return
-        stack = self._stack()
+        stack = self.open_blocks()
         stack.append(handle)
         try:
             yield handle
         except Exception as exc:
             self._heartbeats.discard(handle)
-            self._fail_orphans(handle, f"parent failed: {error_text(exc)}")
             self.fail_quietly(handle, exc)
             raise
         except BaseException:
@@ -1163,8 +1162,11 @@ class VideoJobs:
             raise
 
     # ------------------------------------------------------ jobs in jobs
-    def _stack(self) -> List[JobHandle]:
-        """The blocks open on this thread, innermost last."""
+    def open_blocks(self) -> List[JobHandle]:
+        """The jobs whose blocks are open on this thread, innermost last: a
+        ``track()`` opened now is a child of the last. ``processing()`` and
+        ``track()`` push and pop their own; ``Worker`` pushes a job while its
+        handler runs. For the package: not a public API."""
         stack: Optional[List[JobHandle]] = getattr(self._local, "stack", None)
         if stack is None:
             stack = self._local.stack = []
@@ -1204,7 +1206,7 @@ class VideoJobs:
             raise InvalidQuery("track: src_hash must be a non-empty string")
         if worker_id is not None and (not isinstance(worker_id, str) or not worker_id):
             raise InvalidQuery("track: worker_id must be a non-empty string or None")
-        stack = self._stack()
+        stack = self.open_blocks()
         if parent is None and stack:
             parent = stack[-1]
         worker = worker_id or (
@@ -1233,7 +1235,6 @@ class VideoJobs:
             yield handle
         except BaseException as exc:
             self._heartbeats.discard(handle)
-            self._fail_orphans(handle, f"parent failed: {error_text(exc)}")
             self.fail_quietly(handle, exc)
             raise
         finally:
@@ -1326,8 +1327,10 @@ class VideoJobs:
     def fail_quietly(
         self, handle: JobHandle, exc: BaseException, prefix: str = ""
     ) -> None:
-        """Fail the job after ``exc``; never hide ``exc`` behind a new error. A job
-        failed for good cancels the children it spawned (never released)."""
+        """Fail the job after ``exc``; never hide ``exc`` behind a new error. Its
+        tracked children still open fail first; a job failed for good cancels the
+        children it spawned (never released)."""
+        self._fail_orphans(handle, f"parent failed: {error_text(exc)}")
         try:
             status = self.fail(handle.id, handle.worker_id, prefix + error_text(exc))
             with handle._lock:
@@ -1374,6 +1377,9 @@ class VideoJobs:
         worker_id = handles[0].worker_id
         if any(h.worker_id != worker_id for h in handles):
             raise InvalidQuery("complete_many: the jobs of one worker at a time")
+        for h in handles:
+            if h._open:  # a Worker's handler left a tracked child open
+                self._fail_orphans(h, "parent ended first")
         if any(h.spawned for h in handles):
             # A job that spawned children ends with their release, in a statement of
             # its own (COMPLETE_PARENT); the others share one.

@@ -293,6 +293,7 @@ class Worker:
         pending: List[JobHandle] = []
         oldest = 0.0
         i = 0
+        blocks = self.jobs.open_blocks()
         try:
             for i, job in enumerate(handles):  # noqa: B007 (read in finally)
                 if self._stop.is_set():
@@ -304,6 +305,9 @@ class Worker:
                     self._add(lost=1)
                     continue
                 t0 = perf_counter()
+                # The job is the thread's open block while its handler runs: a
+                # jobs.track() in the handler makes a child of it.
+                blocks.append(job)
                 try:
                     result = self.handler(dict(job.row))
                     _apply_result(job, result)
@@ -316,6 +320,8 @@ class Worker:
                     )
                     self.jobs.fail_quietly(job, exc)
                     continue
+                finally:
+                    blocks.pop()
                 t1 = perf_counter()
                 mean = _update_mean(mean, t1 - t0)
                 if self.record_metrics:
