@@ -404,6 +404,24 @@ def test_cancelling_a_parent_cancels_its_queued_and_waiting_descendants(
     assert not jobs.cancel(top)
 
 
+def work_until_completed(
+    db: Database, jobs: VideoJobs, handler: Any, job_id: int, threads: int
+) -> None:
+    """Run a Worker until job ``job_id`` is completed (30 s at most)."""
+    worker = Worker(
+        db, handler, threads=threads, jobs=jobs, idle_min=0.01, idle_max=0.05
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while row(db, job_id)["status"] != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+        assert worker.join(10)
+
+
 def test_a_worker_fans_out_through_its_handlers_result_and_merges(
     db: Database, jobs: VideoJobs
 ) -> None:
@@ -424,16 +442,7 @@ def test_a_worker_fans_out_through_its_handlers_result_and_merges(
         kids = jobs.children(job["id"])
         return {"output_path": "+".join(c["output_path"] for c in kids)}
 
-    worker = Worker(db, handler, threads=2, jobs=jobs, idle_min=0.01, idle_max=0.05)
-    worker.start()
-    try:
-        deadline = time.monotonic() + 30
-        while row(db, parent_id)["status"] != "completed":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    finally:
-        worker.stop()
-        assert worker.join(10)
+    work_until_completed(db, jobs, handler, parent_id, threads=2)
     assert [done for i, done in seen if i == parent_id] == [False, True]
     assert row(db, parent_id)["output_path"] == "+".join(
         f"/out/clip/{i}" for i in range(4)
@@ -451,16 +460,7 @@ def test_a_track_in_a_worker_handler_is_a_child_of_its_job(
             with jobs.track(f"{job['src_hash']}/{step}") as child:
                 made.append(child.id)
 
-    worker = Worker(db, handler, threads=1, jobs=jobs, idle_min=0.01, idle_max=0.05)
-    worker.start()
-    try:
-        deadline = time.monotonic() + 30
-        while row(db, parent_id)["status"] != "completed":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    finally:
-        worker.stop()
-        assert worker.join(10)
+    work_until_completed(db, jobs, handler, parent_id, threads=1)
     children = jobs.children(parent_id)
     assert [c["id"] for c in children] == made
     assert [c["job_number"] for c in children] == [
