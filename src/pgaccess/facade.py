@@ -19,6 +19,7 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Protocol,
     Sequence,
     Tuple,
     TypeVar,
@@ -43,7 +44,7 @@ from .executor import ONE, ROWCOUNT, ROWS, SCALAR, Params, Retrying
 from .policies import WritePolicies, WritePolicy
 from .retry import RetryPolicy
 
-__all__ = ["Facade", "Row"]
+__all__ = ["Facade", "Reads", "Row"]
 
 logger = logging.getLogger("pgaccess.facade")
 
@@ -51,11 +52,25 @@ T = TypeVar("T")
 Row = Dict[str, Any]
 
 
+class Reads(Protocol):
+    """What runs the facade's reads: a ``Retrying`` executor, or a router."""
+
+    def run(
+        self,
+        st: q.Statement,
+        params: Params,
+        mode: int,
+        write: bool,
+        retry: Optional[RetryPolicy] = None,
+    ) -> Any: ...
+
+
 class Facade:
     """``insert``, ``find_one``, ``update``, ... on an executor.
 
     ``read_retry`` is how reads are retried (None: never); ``write_policies`` say
-    which writes re-run safely (see ``policies.py``).
+    which writes re-run safely (see ``policies.py``); ``reads`` runs the reads, when
+    they go elsewhere than the writes (standbys: ``routing.ReadRouter``).
     """
 
     def __init__(
@@ -63,13 +78,15 @@ class Facade:
         executor: Retrying,
         write_policies: WritePolicies,
         read_retry: Optional[RetryPolicy],
+        reads: Optional[Reads] = None,
     ) -> None:
         self._ex = executor
+        self._reads: Reads = reads or executor
         self.write_policies = write_policies
         self._read_retry = read_retry
 
     def _read(self, st: q.Statement, params: Params, mode: int) -> Any:
-        return self._ex.run(st, params, mode, False, self._read_retry)
+        return self._reads.run(st, params, mode, False, self._read_retry)
 
     # ----------------------------------------------------------- reads
     def find_one(
