@@ -46,6 +46,10 @@ class Database(Facade):
     With ``read_your_writes`` (the default), a thread reads its own writes: see
     ``routing.py``; ``read_wait`` is how long a read waits for a lagging standby
     before it goes to the primary. The write pool then needs a primary.
+
+    ``session_dsn=``: where what needs a session goes (the Worker's LISTEN) when
+    ``dsn`` is a transaction-mode pooler (``pooler="transaction"``, which also makes
+    ``execute`` refuse session state: SET, LISTEN, session advisory locks, ...).
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class Database(Facade):
         read_your_writes: bool = True,
         read_wait: float = 0.25,
         read_pool_kwargs: Optional[Dict[str, Any]] = None,
+        session_dsn: Optional[str] = None,
         **pool_kwargs: Any,
     ) -> None:
         if pool is not None and (dsn is not None or pool_kwargs):
@@ -85,6 +90,10 @@ class Database(Facade):
         if self._owns_pool:
             pool = ConnectionPool(dsn, **pool_kwargs)
         self._given_pool = pool
+        #: A DSN that reaches the server directly or through a session-mode pooler,
+        #: for what needs a session of its own (the Worker's LISTEN) when ``dsn`` is
+        #: a transaction-mode pooler.
+        self.session_dsn = session_dsn
         self.retry_reads = retry_reads
         self.read_policy = read_policy or RetryPolicy(
             max_attempts=3, delay=0.05, max_delay=1.0, retry_on=READ

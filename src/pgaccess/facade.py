@@ -30,6 +30,7 @@ import psycopg2.extras
 from psycopg2 import sql
 
 from . import sql as q
+from .config import TRANSACTION_POOLER
 from .copy import copy_buffer
 from .errors import (
     CommitOutcomeUnknown,
@@ -540,6 +541,8 @@ class Facade:
         """
         q.check_params(params)
         st = _raw_statement(query)
+        if self._ex.pool.settings.pooler == TRANSACTION_POOLER:
+            q.check_no_session_state(_text_of(st))
         if retry is None and _is_read(st.composed):
             return self._read(st, params, ROWS)  # type: ignore[no-any-return]
         return self._ex.run(st, params, ROWS, True, retry)  # type: ignore[no-any-return]
