@@ -11,11 +11,15 @@ import os
 import shutil
 import stat
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import psycopg2
 import psycopg2.errors
 import pytest
+from psycopg2.extensions import parse_dsn
+from support.dedicated import admin_query
+from support.pgbouncer import per_node, running_pgbouncer
 
 from pgaccess.embedded import EmbeddedServer, EmbeddedUnavailable, scratch_dir
 
@@ -156,3 +160,97 @@ def test_a_replica_needs_a_replication_node() -> None:
     finally:
         server.destroy()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ PgBouncer
+def test_a_query_through_pgbouncer_reaches_the_server(pgaccess_dsn: str) -> None:
+    dbname = parse_dsn(pgaccess_dsn)["dbname"]
+    with running_pgbouncer(pgaccess_dsn) as bouncer:
+        conn = psycopg2.connect(bouncer.dsn(dbname, application_name="through"))
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT current_database(), count(*) FROM video_job")
+                assert cur.fetchone() == (dbname, 0)
+                clients = bouncer.admin("SHOW CLIENTS")
+                assert any(c["database"] == dbname for c in clients)
+                servers = bouncer.admin("SHOW SERVERS")
+                assert any(s["database"] == dbname for s in servers)
+        finally:
+            conn.close()
+        assert bouncer.admin("SHOW CONFIG")  # the admin console answers
+        pid = bouncer.pid
+        assert pid is not None
+    # Stopped by its PID: the process is gone.
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_a_session_set_leaks_between_clients_in_transaction_mode(
+    pgaccess_dsn: str,
+) -> None:
+    """The hazard the library must avoid: session state outlives the client's turn.
+
+    With one server connection, a ``SET`` one client sends outside a transaction is
+    what the next client, another connection, finds on the shared backend.
+    """
+    dbname = parse_dsn(pgaccess_dsn)["dbname"]
+    with running_pgbouncer(pgaccess_dsn, pool_size=1) as bouncer:
+        first = psycopg2.connect(bouncer.dsn(dbname))
+        second = psycopg2.connect(bouncer.dsn(dbname))
+        try:
+            first.autocommit = second.autocommit = True
+            with first.cursor() as a, second.cursor() as b:
+                a.execute("SELECT pg_backend_pid()")
+                b.execute("SELECT pg_backend_pid()")
+                assert a.fetchone() == b.fetchone()  # one backend for both
+                b.execute("SHOW statement_timeout")
+                assert b.fetchone() == ("0",)
+                a.execute("SET statement_timeout = '1234ms'")
+                b.execute("SHOW statement_timeout")
+                assert b.fetchone() == ("1234ms",)
+                # SET LOCAL, inside the client's own transaction, does not leak.
+                a.execute("RESET statement_timeout")
+                a.execute("BEGIN; SET LOCAL statement_timeout = '999ms'; COMMIT")
+                b.execute("SHOW statement_timeout")
+                assert b.fetchone() == ("0",)
+        finally:
+            first.close()
+            second.close()
+
+
+def test_pgbouncer_gives_up_after_its_query_wait_timeout(pgaccess_dsn: str) -> None:
+    dbname = parse_dsn(pgaccess_dsn)["dbname"]
+    with running_pgbouncer(
+        pgaccess_dsn, pool_size=1, query_wait_timeout=1, server_login_retry=2
+    ) as bouncer:
+        config = {r["key"]: r["value"] for r in bouncer.admin("SHOW CONFIG")}
+        assert (config["query_wait_timeout"], config["server_login_retry"]) == (
+            "1",
+            "2",
+        )
+        holder = psycopg2.connect(bouncer.dsn(dbname))  # holds the one server
+        try:
+            with holder.cursor() as cur:
+                cur.execute("SELECT 1")  # a transaction left open
+            waiter = psycopg2.connect(bouncer.dsn(dbname))
+            t0 = time.monotonic()
+            # PgBouncer sends the reason and hangs up; libpq may report either.
+            with pytest.raises(psycopg2.OperationalError), waiter.cursor() as cur:
+                cur.execute("SELECT 1")
+            waited = time.monotonic() - t0
+            waiter.close()
+            assert "query_wait_timeout" in bouncer.log()
+        finally:
+            holder.close()
+    assert 0.5 < waited < 30  # its own 1 s, not PgBouncer's default 120 s
+
+
+def test_one_pgbouncer_per_node_reaches_its_own_node(replicated: Replicated) -> None:
+    with per_node(replicated.nodes, pool_size=2) as bouncers:
+        roles = [
+            admin_query(b.dsn(replicated.dbname), "SELECT pg_is_in_recovery()")[0][0]
+            for b in bouncers
+        ]
+        assert roles == [node.in_recovery() for node in replicated.nodes]
+        assert sorted(roles) == [False, True]

@@ -65,6 +65,8 @@ __all__ = [
     "EmbeddedUnavailable",
     "project_datadir",
     "scratch_dir",
+    "server_bin_dir",
+    "server_user",
 ]
 
 logger = logging.getLogger("pgaccess.embedded")
@@ -104,6 +106,23 @@ def _bin_dir() -> Path:
 def _server_user() -> Optional[str]:
     """The user the server runs as: None for the invoking user, a name under root."""
     return _SYSTEM_USER if os.geteuid() == 0 else None
+
+
+def server_user() -> Optional[str]:
+    """The OS user the embedded server (and its tools) run as; None: this one.
+
+    Under root, the system user is made on first use. Other programs that must not
+    run as root beside the server (PgBouncer, Patroni) run as it too.
+    """
+    user = _server_user()
+    if user is not None:
+        _ensure_system_user(user)
+    return user
+
+
+def server_bin_dir() -> Path:
+    """The PostgreSQL binaries that ``server_user()`` can run (copied under root)."""
+    return _bin_dir() if _server_user() is None else _system_bin_dir()
 
 
 def _ensure_system_user(name: str) -> None:
