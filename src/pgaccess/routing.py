@@ -84,7 +84,7 @@ class StandbyReads(Autocommit):
     __slots__ = ("marks", "primary", "read_wait")
 
     #: Between two looks at a standby's replay position while waiting for it.
-    POLL_START = 0.001
+    POLL_START = 0.0001
     POLL_MAX = 0.02
 
     def __init__(

@@ -13,11 +13,13 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
 
+import psycopg2
 import pytest
 from psycopg2.extensions import make_dsn, parse_dsn
 from support.pgbouncer import per_node, running_pgbouncer
 
 from pgaccess import (
+    ConnectionLost,
     Database,
     DatabaseError,
     InvalidQuery,
@@ -395,3 +397,27 @@ def test_a_dead_node_behind_pgbouncer_costs_the_connect_timeout_not_120_s(
             "SELECT count(*) FROM video_job WHERE src_hash = 'past-a-dead-node'",
         ) == [(1,)]
         print(f"a dead node behind PgBouncer cost {took:.2f} s (connect_timeout 2 s)")
+
+
+def test_a_statement_queued_in_pgbouncer_is_bounded_by_stall_timeout(
+    pgaccess_dsn: str,
+) -> None:
+    """PgBouncer's one server connection is held by another client's transaction: a
+    statement waits in PgBouncer's queue, where no statement timeout applies (the
+    server never sees it). ``stall_timeout`` cuts it."""
+    with running_pgbouncer(pgaccess_dsn, pool_size=1) as bouncer:
+        dsn = bouncer.dsn(_dbname(pgaccess_dsn))
+        holder = psycopg2.connect(dsn)
+        try:
+            with holder.cursor() as cur:
+                cur.execute("SELECT 1")  # BEGIN: the server connection is held
+            with Database(
+                dsn=dsn, pooler="transaction", maxconn=1, stall_timeout=1.0
+            ) as db:
+                started = time.monotonic()
+                with pytest.raises(ConnectionLost):
+                    db.execute("SELECT 1")
+                waited = time.monotonic() - started
+            assert 0.9 < waited < 10, waited
+        finally:
+            holder.close()
