@@ -1,4 +1,4 @@
-"""Scale-out on one server (roles and routing): the statement timeout as SET LOCAL, pool roles, the drain
+"""Scale-out on one server: the statement timeout as SET LOCAL, pool roles, the drain
 on SQLSTATE 25006, the read pool's routing, and the transaction-pooler refusals.
 
 Standbys, failover and PgBouncer are in tests/scenarios/test_scaleout.py.
