@@ -28,14 +28,15 @@ def cluster() -> Iterator[PatroniCluster]:
         yield started
 
 
-def roles(cluster: PatroniCluster) -> List[Tuple[str, bool]]:
-    """(node, in recovery), as each server says."""
+def roles_of(
+    cluster: PatroniCluster, exclude: Optional[str] = None
+) -> List[Tuple[str, bool]]:
+    """(node, in recovery), as each server says (but ``exclude``, a stopped one)."""
+    query = "SELECT pg_is_in_recovery()"
     return [
-        (
-            n.name,
-            admin_query(cluster.node_dsn(n.name), "SELECT pg_is_in_recovery()")[0][0],
-        )
+        (n.name, admin_query(cluster.node_dsn(n.name), query)[0][0])
         for n in cluster.nodes
+        if n.name != exclude
     ]
 
 
@@ -43,7 +44,7 @@ def test_a_leader_is_elected_and_the_others_stream_from_it(
     cluster: PatroniCluster,
 ) -> None:
     leader = cluster.wait_ready()
-    assert [name for name, standby in roles(cluster) if not standby] == [leader]
+    assert [name for name, standby in roles_of(cluster) if not standby] == [leader]
     streaming = admin_query(
         cluster.node_dsn(leader),
         "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
@@ -60,7 +61,7 @@ def test_a_switchover_through_the_rest_api_moves_the_leader(
     new, took = cluster.switchover()
     print(f"\npatroni: switchover {old} -> {new} in {took:.2f} s")
     assert new != old
-    assert [name for name, standby in roles(cluster) if not standby] == [new]
+    assert [name for name, standby in roles_of(cluster) if not standby] == [new]
     assert took < 60  # Patroni's own bound is a few seconds; this is a loaded box
 
 
@@ -151,3 +152,51 @@ def test_writes_through_a_multi_host_dsn_reach_the_new_leader_after_a_switchover
     acked = {n for _, _, n in writer.acked}
     rows = admin_query(cluster.node_dsn(new), "SELECT n FROM failover_writes")
     assert acked <= {r[0] for r in rows}
+
+
+def wait_for_new_leader(cluster: PatroniCluster, old: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        leader = cluster.leader()
+        if leader is not None and leader != old:
+            return leader
+        assert time.monotonic() < deadline, f"no new leader {timeout:.0f} s after {old}"
+        time.sleep(0.1)
+
+
+def test_a_stopped_leader_hands_over_and_rejoins(cluster: PatroniCluster) -> None:
+    old = cluster.wait_ready()
+    t0 = time.monotonic()
+    cluster.stop_node(old)  # SIGTERM: Patroni stops PostgreSQL, gives the key up
+    new = wait_for_new_leader(cluster, old, 60)
+    print(
+        f"\npatroni: SIGTERM of the leader {old}: {new} leads after "
+        f"{time.monotonic() - t0:.2f} s"
+    )
+    assert [
+        name for name, standby in roles_of(cluster, exclude=old) if not standby
+    ] == [new]
+    cluster.start_node(old)
+    assert cluster.wait_ready() == new  # the old leader streams again
+
+
+def test_a_killed_leader_is_replaced_within_the_ttl_and_rejoins(
+    cluster: PatroniCluster,
+) -> None:
+    old = cluster.wait_ready()
+    admin_query(cluster.node_dsn(old), "CREATE TABLE IF NOT EXISTS kill_probe (n int)")
+    t0 = time.monotonic()
+    cluster.kill_node(old)  # SIGKILL of Patroni and of its postmaster
+    new = wait_for_new_leader(cluster, old, cluster.TTL * 4)
+    took = time.monotonic() - t0
+    print(
+        f"\npatroni: SIGKILL of the leader {old}: {new} leads after {took:.2f} s "
+        f"(ttl {cluster.TTL} s)"
+    )
+    admin_query(cluster.node_dsn(new), "INSERT INTO kill_probe VALUES (1)")
+    t1 = time.monotonic()
+    cluster.start_node(old)
+    assert cluster.wait_ready() == new
+    print(f"patroni: {old} back as a replica after {time.monotonic() - t1:.2f} s")
+    rows = admin_query(cluster.node_dsn(old), "SELECT pg_is_in_recovery()")
+    assert rows == [(True,)]
