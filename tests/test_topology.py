@@ -7,6 +7,7 @@ helpers' own bookkeeping.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import stat
@@ -17,9 +18,12 @@ from typing import TYPE_CHECKING
 import psycopg2
 import psycopg2.errors
 import pytest
+import support.patroni
+import support.pgbouncer
 from psycopg2.extensions import make_dsn, parse_dsn
 from support.dedicated import admin_query
 from support.pgbouncer import per_node, running_pgbouncer
+from support.tools import skip_unless_available
 
 from pgaccess.embedded import EmbeddedServer, EmbeddedUnavailable, scratch_dir
 
@@ -269,3 +273,21 @@ def test_one_pgbouncer_per_node_reaches_its_own_node(replicated: Replicated) -> 
         ]
         assert roles == [node.in_recovery() for node in replicated.nodes]
         assert sorted(roles) == [False, True]
+
+
+def test_a_missing_program_skips_with_its_reason_and_fails_under_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(support.pgbouncer, "pgbouncer_program", lambda: None)
+    monkeypatch.setattr(support.patroni, "_etcd_program", lambda: None)
+    reasons = [support.pgbouncer.pgbouncer_unavailable()]
+    if importlib.util.find_spec("patroni") is not None:
+        reasons.append(support.patroni.patroni_unavailable())
+    for reason in reasons:
+        assert reason is not None and "apt-get install" in reason
+        monkeypatch.setenv("PGACCESS_CI", "0")
+        with pytest.raises(pytest.skip.Exception, match="is not installed"):
+            skip_unless_available(reason)
+        monkeypatch.setenv("PGACCESS_CI", "1")
+        with pytest.raises(pytest.fail.Exception, match="CI must have it"):
+            skip_unless_available(reason)
