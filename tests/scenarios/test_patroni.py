@@ -16,6 +16,7 @@ import psycopg2
 import pytest
 from support.dedicated import admin_query
 from support.patroni import PatroniCluster, patroni_cluster
+from support.pgbouncer import per_node
 
 pytestmark = [pytest.mark.patroni, pytest.mark.xdist_group("patroni")]
 
@@ -200,3 +201,34 @@ def test_a_killed_leader_is_replaced_within_the_ttl_and_rejoins(
     print(f"patroni: {old} back as a replica after {time.monotonic() - t1:.2f} s")
     rows = admin_query(cluster.node_dsn(old), "SELECT pg_is_in_recovery()")
     assert rows == [(True,)]
+
+
+def test_a_synchronous_cluster_behind_per_node_pgbouncers() -> None:
+    """``synchronous=True``: Patroni keeps one synchronous standby; PgBouncers work."""
+    with patroni_cluster(3, synchronous=True) as sync_cluster:
+        leader = sync_cluster.wait_ready()
+        deadline = time.monotonic() + 60
+        while True:
+            states = admin_query(
+                sync_cluster.node_dsn(leader),
+                "SELECT sync_state FROM pg_stat_replication",
+            )
+            roles = sorted(m["role"] for m in sync_cluster.members())
+            if sorted(s for (s,) in states) == ["async", "sync"] and roles == [
+                "leader",
+                "replica",
+                "sync_standby",
+            ]:
+                break
+            assert time.monotonic() < deadline, (states, roles)
+            time.sleep(0.1)
+        assert admin_query(
+            sync_cluster.node_dsn(leader), "SHOW synchronous_standby_names"
+        ) != [("",)]
+        dsns = [sync_cluster.node_dsn(n.name) for n in sync_cluster.nodes]
+        with per_node(dsns, pool_size=2) as bouncers:
+            through = [
+                admin_query(b.dsn(), "SELECT pg_is_in_recovery()")[0][0]
+                for b in bouncers
+            ]
+        assert through == [n.name != leader for n in sync_cluster.nodes]
