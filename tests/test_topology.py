@@ -7,6 +7,7 @@ helpers' own bookkeeping.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import stat
@@ -17,13 +18,17 @@ from typing import TYPE_CHECKING
 import psycopg2
 import psycopg2.errors
 import pytest
-from psycopg2.extensions import parse_dsn
+import support.patroni
+import support.pgbouncer
+from psycopg2.extensions import make_dsn, parse_dsn
 from support.dedicated import admin_query
 from support.pgbouncer import per_node, running_pgbouncer
+from support.tools import skip_unless_available
 
 from pgaccess.embedded import EmbeddedServer, EmbeddedUnavailable, scratch_dir
 
 if TYPE_CHECKING:
+    from support.pgbouncer import PgBouncer
     from support.topology import Replicated
 
 # A plugin, not an import: pytest rewrites its asserts only if it loads it first.
@@ -163,25 +168,39 @@ def test_a_replica_needs_a_replication_node() -> None:
 
 
 # ------------------------------------------------------------------ PgBouncer
-def test_a_query_through_pgbouncer_reaches_the_server(pgaccess_dsn: str) -> None:
-    dbname = parse_dsn(pgaccess_dsn)["dbname"]
+def test_a_query_through_pgbouncer_reaches_the_server(
+    pgbouncer: PgBouncer, pgbouncer_dsn: str
+) -> None:
+    dbname = parse_dsn(pgbouncer_dsn)["dbname"]
+    conn = psycopg2.connect(make_dsn(pgbouncer_dsn, application_name="through"))
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_database(), count(*) FROM video_job")
+            assert cur.fetchone() == (dbname, 0)
+            clients = pgbouncer.admin("SHOW CLIENTS")
+            assert any(c["application_name"] == "through" for c in clients)
+            servers = pgbouncer.admin("SHOW SERVERS")
+            assert any(s["database"] == dbname for s in servers)
+            # The server's end: a backend of PgBouncer's, with the client's
+            # application_name (a parameter PgBouncer tracks and sets per client).
+            backends = admin_query(
+                pgbouncer.target_dsn,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                "AND application_name = 'through'",
+                (dbname,),
+            )
+            assert backends == [(1,)]
+    finally:
+        conn.close()
+
+
+def test_pgbouncer_stops_by_its_pid(pgaccess_dsn: str) -> None:
     with running_pgbouncer(pgaccess_dsn) as bouncer:
-        conn = psycopg2.connect(bouncer.dsn(dbname, application_name="through"))
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute("SELECT current_database(), count(*) FROM video_job")
-                assert cur.fetchone() == (dbname, 0)
-                clients = bouncer.admin("SHOW CLIENTS")
-                assert any(c["database"] == dbname for c in clients)
-                servers = bouncer.admin("SHOW SERVERS")
-                assert any(s["database"] == dbname for s in servers)
-        finally:
-            conn.close()
         assert bouncer.admin("SHOW CONFIG")  # the admin console answers
         pid = bouncer.pid
         assert pid is not None
-    # Stopped by its PID: the process is gone.
+        os.kill(pid, 0)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 
@@ -254,3 +273,21 @@ def test_one_pgbouncer_per_node_reaches_its_own_node(replicated: Replicated) -> 
         ]
         assert roles == [node.in_recovery() for node in replicated.nodes]
         assert sorted(roles) == [False, True]
+
+
+def test_a_missing_program_skips_with_its_reason_and_fails_under_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(support.pgbouncer, "pgbouncer_program", lambda: None)
+    monkeypatch.setattr(support.patroni, "_etcd_program", lambda: None)
+    reasons = [support.pgbouncer.pgbouncer_unavailable()]
+    if importlib.util.find_spec("patroni") is not None:
+        reasons.append(support.patroni.patroni_unavailable())
+    for reason in reasons:
+        assert reason is not None and "apt-get install" in reason
+        monkeypatch.setenv("PGACCESS_CI", "0")
+        with pytest.raises(pytest.skip.Exception, match="is not installed"):
+            skip_unless_available(reason)
+        monkeypatch.setenv("PGACCESS_CI", "1")
+        with pytest.raises(pytest.fail.Exception, match="CI must have it"):
+            skip_unless_available(reason)

@@ -32,7 +32,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import psycopg2
 from psycopg2.extensions import make_dsn, parse_dsn
@@ -281,12 +281,20 @@ def running_pgbouncer(target_dsn: str, **options: Any) -> Iterator[PgBouncer]:
 
 @contextlib.contextmanager
 def per_node(
-    servers: Sequence[EmbeddedServer], **options: Any
+    targets: Sequence[Union[EmbeddedServer, str]], **options: Any
 ) -> Iterator[List[PgBouncer]]:
-    """One started PgBouncer in front of each server (its socket), in order."""
+    """One started PgBouncer in front of each target, in order; stopped afterwards.
+
+    A target is an ``EmbeddedServer`` (reached over its socket) or a node's DSN (a
+    Patroni node's ``node_dsn()``).
+    """
     skip_unless_available(pgbouncer_unavailable())
     with contextlib.ExitStack() as stack:
         yield [
-            stack.enter_context(running_pgbouncer(server.dsn(), **options))
-            for server in servers
+            stack.enter_context(
+                running_pgbouncer(
+                    t.dsn() if isinstance(t, EmbeddedServer) else t, **options
+                )
+            )
+            for t in targets
         ]

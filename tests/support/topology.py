@@ -14,7 +14,13 @@ primary, one standby streaming from it" (a node stopped, two primaries) is destr
 and made again (``replicated_nodes`` and ``replicated_sync_nodes`` are those kept
 pairs). A test that wants a pair of its own uses ``replicated_pair()``.
 
-A test module that uses them says so: ``pytest_plugins = ["support.topology"]``.
+``pgbouncer`` (a PgBouncer in transaction mode in front of the session's server, kept
+for a module) and ``pgbouncer_dsn`` (this worker's database through it) run the
+facade, transactions and the queue through a transaction pooler.
+
+A test module that uses these fixtures says so: ``pytest_plugins =
+["support.topology"]`` (not an import: pytest rewrites a plugin's asserts only if it
+loads it first).
 
 ``synchronous_commit`` is on in both (``durable=False`` turns only fsync off): with it
 off a stopped primary may lose acknowledged commits by the server's choice.
@@ -36,10 +42,13 @@ from psycopg2.extensions import make_dsn, parse_dsn
 
 from pgaccess import schema
 from pgaccess.embedded import EmbeddedServer, scratch_dir
+from support.pgbouncer import PgBouncer, running_pgbouncer
 
 __all__ = [
     "Replicated",
     "multi_host_dsn",
+    "pgbouncer",
+    "pgbouncer_dsn",
     "replicated",
     "replicated_nodes",
     "replicated_pair",
@@ -241,3 +250,19 @@ def replicated(replicated_nodes: _Kept) -> Iterator[Replicated]:
 def replicated_sync(replicated_sync_nodes: _Kept) -> Iterator[Replicated]:
     """A primary, a synchronous standby, and the test's database on both."""
     yield from _with_database(replicated_sync_nodes)
+
+
+@pytest.fixture(scope="module")
+def pgbouncer(pgaccess_dsn: str) -> Iterator[PgBouncer]:
+    """PgBouncer, transaction mode, in front of the session's server (for a module).
+
+    Skips (fails under ``.ci/run``) where PgBouncer cannot run.
+    """
+    with running_pgbouncer(pgaccess_dsn) as bouncer:
+        yield bouncer
+
+
+@pytest.fixture
+def pgbouncer_dsn(pgbouncer: PgBouncer, pgaccess_dsn: str) -> str:
+    """This worker's database (the pipeline's schema) through ``pgbouncer``."""
+    return pgbouncer.dsn(parse_dsn(pgaccess_dsn)["dbname"])
