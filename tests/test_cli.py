@@ -64,6 +64,7 @@ def test_init_db_applies_the_schema_and_is_idempotent(
             )
         assert [t["tablename"] for t in tables] == [
             "highlight",
+            "pgaccess_schema_version",
             "processing_metrics",
             "video_job",
         ]
@@ -186,5 +187,5 @@ def test_python_m_pgaccess_shows_the_commands() -> None:
     proc = run_cli("--help")
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0
-    for command in ("init-db", "stats", "reclaim", "worker", "demo"):
+    for command in ("init-db", "migrate", "stats", "reclaim", "worker", "demo"):
         assert command in out

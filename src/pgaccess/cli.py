@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import threading
+from datetime import datetime
 from types import FrameType
 from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
@@ -87,10 +88,61 @@ def _database(args: argparse.Namespace, maxconn: int) -> Database:
 
 def _cmd_init_db(args: argparse.Namespace, out: TextIO) -> int:
     with _database(args, 1) as db:
-        schema.apply(db.pool)
-        where = redact_dsn(db.pool.settings.dsn) or "libpq's default database"
-    print(f"pgaccess: schema applied to {where}", file=out)
+        applied = schema.migrate(db.pool)
+        where = _where(db)
+    print(f"pgaccess: schema applied to {where}: {_applied(applied)}", file=out)
     return 0
+
+
+def _cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
+    with _database(args, 1) as db:
+        where = _where(db)
+        if args.dry_run:
+            script = schema.dry_run_sql(db.pool)
+            print(script or f"-- {where} is up to date: nothing to run", file=out)
+            return 0
+        if args.status:
+            _print_status(schema.status(db.pool), where, out)
+            return 0
+        applied = schema.migrate(db.pool)
+        version = schema.status(db.pool).version
+    print(f"pgaccess: {where}: schema version {version}, {_applied(applied)}", file=out)
+    return 0
+
+
+def _when(moment: Optional[datetime]) -> str:
+    return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S %Z}"
+
+
+def _where(db: Database) -> str:
+    return redact_dsn(db.pool.settings.dsn) or "libpq's default database"
+
+
+def _applied(applied: Sequence[schema.Migration]) -> str:
+    if not applied:
+        return "up to date, nothing to apply"
+    return "applied " + ", ".join(m.label for m in applied)
+
+
+def _print_status(state: schema.SchemaStatus, where: str, out: TextIO) -> None:
+    """``pgaccess migrate --status``: each migration, applied (when, by what) or
+    pending."""
+    print(f"schema of {where}: version {state.version}", file=out)
+    rows = [
+        (a.label, _when(a.applied_at), a.pgaccess_version + " (baseline)" * a.baseline)
+        for a in state.applied
+    ]
+    rows += [(m.label, "pending", "") for m in state.pending]
+    rows += [
+        (
+            a.label,
+            _when(a.applied_at),
+            f"{a.pgaccess_version} (unknown to this pgaccess)",
+        )
+        for a in state.unknown
+    ]
+    for label, when, who in sorted(rows):
+        print(f"  {label:<28} {when:<24} {who}".rstrip(), file=out)
 
 
 def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
@@ -277,8 +329,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("init-db", help="apply the pipeline's schema (idempotent)")
+    p = sub.add_parser("init-db", help="create the pipeline's schema (= migrate)")
     p.set_defaults(run=_cmd_init_db)
+
+    p = sub.add_parser("migrate", help="apply the schema migrations not applied yet")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--status", action="store_true", help="list applied and pending migrations"
+    )
+    how.add_argument(
+        "--dry-run", action="store_true", help="print the SQL, apply nothing"
+    )
+    p.set_defaults(run=_cmd_migrate)
 
     p = sub.add_parser("stats", help="queue, stage timings and statement statistics")
     p.add_argument("--json", action="store_true", help="print JSON")
