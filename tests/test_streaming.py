@@ -13,6 +13,7 @@ import uuid
 from typing import Any, Dict, Iterator, List
 
 import pytest
+from psycopg2.extensions import parse_dsn
 
 from pgaccess import (
     Database,
@@ -250,3 +251,33 @@ def test_an_error_inside_a_transaction_rolls_the_block_back(
         list(one.stream("SELECT 1 / 0"))
     assert in_use(one) == 0
     assert db.count("video_job", {"src_hash": "doomed"}) == 0
+
+
+# ------------------------------------------------------------- PgBouncer
+def test_a_stream_works_through_pgbouncer_in_transaction_mode(
+    one: Database, pgaccess_dsn: str
+) -> None:
+    # PgBouncer hands each transaction any server connection: a cursor outside a
+    # transaction would be looked for on the wrong one. Other statements run between
+    # the batches, on the other server connection of the two.
+    pgbouncer = pytest.importorskip(
+        "support.pgbouncer", reason="tests/support/pgbouncer.py is not in this tree"
+    )
+    dbname = parse_dsn(pgaccess_dsn)["dbname"]
+    want = [r["id"] for r in one.find_many("video_job", columns="id", order_by="id")]
+    with (
+        pgbouncer.running_pgbouncer(pgaccess_dsn, pool_size=2) as bouncer,
+        Database(dsn=bouncer.dsn(dbname), maxconn=2) as via,
+    ):
+        got = []
+        rows = via.iter_many("video_job", columns="id", order_by="id", batch_size=99)
+        for n, row in enumerate(rows):
+            got.append(row["id"])
+            if n % 99 == 50:
+                assert via.count("video_job") == ROWS
+        assert got == want
+        assert in_use(via) == 0
+        for _row in via.stream("SELECT 1 FROM video_job", batch_size=10):
+            break
+        assert in_use(via) == 0
+        assert via.count("video_job") == ROWS
