@@ -20,6 +20,7 @@ from pgaccess import (
     DatabaseError,
     DataError,
     InvalidQuery,
+    QueryCanceled,
     TransactionError,
     UnknownColumn,
     UnknownTable,
@@ -209,6 +210,25 @@ def test_an_error_midway_rolls_back_and_gives_the_connection_back(
     assert in_use(one) == 0
     assert "idle in transaction (aborted)" not in backend_states(db)
     assert one.count("video_job") == ROWS
+
+
+def test_the_pools_statement_timeout_bounds_each_fetch_and_stays_local(
+    pgaccess_dsn: str,
+) -> None:
+    with Database(dsn=pgaccess_dsn, maxconn=1, statement_timeout=300) as timed:
+        rows = timed.stream(
+            "SELECT i, CASE WHEN i = 5 THEN pg_sleep(2) END "
+            "FROM generate_series(1, 9) i",
+            batch_size=4,
+        )
+        assert len([next(rows) for _ in range(4)]) == 4
+        with pytest.raises(QueryCanceled):
+            next(rows)  # the second FETCH reaches the slow row
+        assert in_use(timed) == 0
+        # The same (only) connection: the timeout was not left in its session.
+        with timed.pool.connection() as conn, conn.cursor() as cur:
+            cur.execute("SHOW statement_timeout")
+            assert cur.fetchone() == ("0",)
 
 
 # ---------------------------------------------------------- transactions

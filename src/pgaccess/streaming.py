@@ -96,7 +96,10 @@ class RowStream:
         except BaseException:
             self._give_back()
             raise
-        self._first(statement, params, "BEGIN; ")
+        # The pool's statement timeout, if any, as the executors send it: local to
+        # this transaction, so it bounds each FETCH and leaves nothing in the session.
+        set_local = f"{pool.set_local}; " if pool.set_local else ""
+        self._first(statement, params, f"BEGIN; {set_local}")
 
     def _fetch_sql(self) -> str:
         return f'FETCH FORWARD {self._batch} FROM "{self._name}"'
