@@ -20,9 +20,9 @@ import sys
 import threading
 from datetime import datetime
 from types import FrameType
-from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
+from typing import Any, Callable, Iterator, List, Optional, Sequence, TextIO
 
-from . import schema
+from . import schema, terminal
 from .config import redact_dsn
 from .database import Database
 from .demo import print_stages, print_summary, run_demo
@@ -127,7 +127,6 @@ def _applied(applied: Sequence[schema.Migration]) -> str:
 def _print_status(state: schema.SchemaStatus, where: str, out: TextIO) -> None:
     """``pgaccess migrate --status``: each migration, applied (when, by what) or
     pending."""
-    print(f"schema of {where}: version {state.version}", file=out)
     rows = [
         (a.label, _when(a.applied_at), a.pgaccess_version + " (baseline)" * a.baseline)
         for a in state.applied
@@ -141,8 +140,12 @@ def _print_status(state: schema.SchemaStatus, where: str, out: TextIO) -> None:
         )
         for a in state.unknown
     ]
-    for label, when, who in sorted(rows):
-        print(f"  {label:<28} {when:<24} {who}".rstrip(), file=out)
+    terminal.table(
+        out,
+        f"schema of {where}: version {state.version}",
+        terminal.columns_of("migration", "applied at", "by pgaccess"),
+        sorted(rows),
+    )
 
 
 def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
@@ -154,28 +157,32 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
         report = {"queue": queue, "stages": stages, "queries": queries}
         print(json.dumps(report, indent=2, default=str), file=out)
         return 0
-    print("queue", file=out)
-    for status in ("queued", "processing", "completed", "failed", "cancelled"):
-        print(f"  {status:<12} {queue[status]:>10}", file=out)
-    print(f"  {'oldest queued':<20} {_fmt_seconds(queue['oldest_queued_s'])}", file=out)
-    print(
-        f"  {'finished/min':<20} {queue['finished_per_minute']:.1f} (last 5 min)",
-        file=out,
-    )
     rate = queue["success_rate"]
-    print(f"  {'success rate':<20} {'-' if rate is None else f'{rate:.1%}'}", file=out)
-    print(
-        f"  {'processing time':<20} mean {_fmt_seconds(queue['mean_processing_s'])},"
-        f" p95 {_fmt_seconds(queue['p95_processing_s'])}",
-        file=out,
-    )
+    rows: List[List[Any]] = [
+        [status, queue[status]]
+        for status in ("queued", "processing", "completed", "failed", "cancelled")
+    ]
+    rows += [
+        ["oldest queued", _fmt_seconds(queue["oldest_queued_s"])],
+        ["finished/min", f"{queue['finished_per_minute']:.1f} (last 5 min)"],
+        ["success rate", "-" if rate is None else f"{rate:.1%}"],
+        [
+            "processing time",
+            f"mean {_fmt_seconds(queue['mean_processing_s'])}, "
+            f"p95 {_fmt_seconds(queue['p95_processing_s'])}",
+        ],
+    ]
+    terminal.table(out, "queue", terminal.columns_of("", ">"), rows)
     print_stages(stages, out, full=True)
-    print("top statements of this command (pgaccess counts per process)", file=out)
-    for q in queries[: args.top]:
-        print(
-            f"  {q['calls']:>6} calls {q['total_ms']:>9.1f} ms  {q['statement'][:90]}",
-            file=out,
-        )
+    terminal.table(
+        out,
+        "top statements of this command (pgaccess counts per process)",
+        terminal.columns_of(">calls", ">total ms", "statement"),
+        [
+            [q["calls"], f"{q['total_ms']:.1f}", " ".join(q["statement"].split())]
+            for q in queries[: args.top]
+        ],
+    )
     return 0
 
 
