@@ -42,6 +42,9 @@ def one(db: Database, pgaccess_dsn: str) -> Iterator[Database]:
     )
     with Database(dsn=pgaccess_dsn, maxconn=1, timeout=2) as small:
         yield small
+    # Leave the worker's database as empty as it was found: tests that do not use
+    # the db fixture run on the same database.
+    db.delete("video_job", all_rows=True)
 
 
 def in_use(d: Database) -> int:
@@ -97,6 +100,15 @@ def test_stream_runs_sql_with_params_a_batch_per_round_trip(one: Database) -> No
 
 
 # ------------------------------------------------- the connection goes back
+def test_a_result_that_fills_whole_batches_ends_on_an_empty_fetch(
+    one: Database,
+) -> None:
+    rows = one.stream("SELECT i FROM generate_series(1, 2000) i", batch_size=1000)
+    assert [r["i"] for r in rows] == list(range(1, 2001))
+    assert in_use(one) == 0
+    assert list(rows) == []
+
+
 def test_exhausted_stream_gives_the_connection_back_with_the_last_batch(
     one: Database,
 ) -> None:

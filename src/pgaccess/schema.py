@@ -295,36 +295,38 @@ def migrate(target: Target, *, directory: Directory = None) -> List[Migration]:
     me = _pgaccess_version()
     with _Session(target) as session, session.conn.cursor() as cur:
         while True:
-
-            def step() -> Optional[Migration]:
-                done = _prepare(cur, known, me)
-                todo = [m for m in known if m.version not in done]
-                if not todo:
-                    newer = sorted(done - {m.version for m in known})
-                    if newer:
-                        logger.warning(
-                            "the database has schema versions %s, which this "
-                            "pgaccess (%s) does not know: a newer pgaccess migrated it",
-                            newer,
-                            me,
-                        )
-                    return None
-                mig = todo[0]
-                try:
-                    cur.execute(mig.sql)
-                    cur.execute(_RECORD, (mig.version, mig.name, me, False))
-                except psycopg2.Error as exc:
-                    raise _failed(mig, exc, done, cur.connection) from exc
-                return mig
-
             try:
-                mig = _transaction(cur, step)
+                mig = _transaction(cur, lambda: _apply_next(cur, known, me))
             except psycopg2.Error as exc:
                 raise translate(exc, connection=cur.connection) from exc
             if mig is None:
                 return applied
             logger.info("applied schema migration %s", mig.label)
             applied.append(mig)
+
+
+def _apply_next(cur: Any, known: Sequence[Migration], me: str) -> Optional[Migration]:
+    """Apply and record the first migration not applied yet (under the lock, in the
+    caller's transaction); None when there is none."""
+    done = _prepare(cur, known, me)
+    todo = [m for m in known if m.version not in done]
+    if not todo:
+        newer = sorted(done - {m.version for m in known})
+        if newer:
+            logger.warning(
+                "the database has schema versions %s, which this pgaccess (%s) does "
+                "not know: a newer pgaccess migrated it",
+                newer,
+                me,
+            )
+        return None
+    mig = todo[0]
+    try:
+        cur.execute(mig.sql)
+        cur.execute(_RECORD, (mig.version, mig.name, me, False))
+    except psycopg2.Error as exc:
+        raise _failed(mig, exc, done, cur.connection) from exc
+    return mig
 
 
 def _prepare(cur: Any, known: Sequence[Migration], me: str) -> Set[int]:
