@@ -10,6 +10,7 @@ import threading
 from time import perf_counter
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from .. import schema
 from ..config import TRANSACTION_POOLER
 from ..database import Database
 from ..errors import DatabaseError, InvalidQuery
@@ -135,9 +136,13 @@ class Worker:
 
     # ----------------------------------------------------------- control
     def start(self) -> None:
-        """Start the threads and return. Raises RuntimeError if already started."""
+        """Start the threads and return. Raises RuntimeError if already started, and
+        ``SchemaVersionError`` if the database's schema is older than this pgaccess
+        needs (run ``pgaccess migrate``)."""
         if self._threads:
             raise RuntimeError(f"{self!r} was already started")
+        # SchemaVersionError before any thread runs statements the schema lacks.
+        schema.check_version(self.db.pool)
         if self.listen:
             dsn = self.listen_dsn or self.db.session_dsn
             if dsn is None:
