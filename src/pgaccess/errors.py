@@ -5,6 +5,8 @@ The hierarchy (the review checklist)::
     DatabaseError                      every error pgaccess raises
     ├── InvalidQuery (ValueError)      bad input caught before any SQL was sent
     ├── TransactionError               a transaction used the wrong way
+    ├── MigrationError                 a schema migration could not be applied
+    │   └── SchemaVersionError         the schema is older than this pgaccess needs
     ├── OperationalError               the server or the connection, not the statement
     │   ├── PoolError
     │   │   ├── PoolTimeout            no connection free within the timeout
@@ -52,6 +54,7 @@ __all__ = [
     "ForeignKeyViolation",
     "IntegrityError",
     "InvalidQuery",
+    "MigrationError",
     "NotNullViolation",
     "OperationalError",
     "PoolClosed",
@@ -60,6 +63,7 @@ __all__ = [
     "ProgrammingError",
     "QueryCanceled",
     "ReadOnlyNode",
+    "SchemaVersionError",
     "SerializationFailure",
     "TransactionError",
     "TransactionRollback",
@@ -121,6 +125,15 @@ class InvalidQuery(DatabaseError, ValueError):
 
 class TransactionError(DatabaseError):
     """A transaction used the wrong way: finished, or retried inside another."""
+
+
+class MigrationError(DatabaseError):
+    """A migration could not be applied; the database stays at the version before it."""
+
+
+class SchemaVersionError(MigrationError):
+    """The database's schema is older than this pgaccess needs: run ``pgaccess
+    migrate``."""
 
 
 class OperationalError(DatabaseError):

@@ -29,7 +29,12 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
-from .errors import ConnectionFailed, DatabaseError, translate
+from .errors import (
+    ConnectionFailed,
+    MigrationError,
+    SchemaVersionError,
+    translate,
+)
 from .pool import ConnectionPool
 
 __all__ = [
@@ -76,15 +81,6 @@ _RECORD = (
     f"INSERT INTO {VERSION_TABLE} (version, name, pgaccess_version, baseline) "
     "VALUES (%s, %s, %s, %s)"
 )
-
-
-class MigrationError(DatabaseError):
-    """A migration could not be applied; the database stays at the version before it."""
-
-
-class SchemaVersionError(MigrationError):
-    """The database's schema is older than this pgaccess needs: run ``pgaccess
-    migrate``."""
 
 
 class _Labelled:
