@@ -10,8 +10,9 @@ import threading
 from time import perf_counter
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from ..config import TRANSACTION_POOLER
 from ..database import Database
-from ..errors import DatabaseError
+from ..errors import DatabaseError, InvalidQuery
 from . import queries as Q
 from .listener import Listener, Wakeup
 from .queue import Duration, JobHandle, VideoJobs, error_text, seconds
@@ -138,9 +139,17 @@ class Worker:
         if self._threads:
             raise RuntimeError(f"{self!r} was already started")
         if self.listen:
-            dsn = self.listen_dsn
+            dsn = self.listen_dsn or self.db.session_dsn
             if dsn is None:
-                dsn = self.db.pool.settings.dsn
+                settings = self.db.pool.settings
+                if settings.pooler == TRANSACTION_POOLER:
+                    raise InvalidQuery(
+                        "LISTEN needs a session, which the pool's transaction-mode "
+                        "pooler does not keep: pass Worker(listen_dsn=...) or "
+                        "Database(session_dsn=...) (the server, or a session-mode "
+                        "pooler), or listen=False to poll"
+                    )
+                dsn = settings.dsn
             self.listener = Listener(
                 dsn,
                 Q.CHANNEL,
