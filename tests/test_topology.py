@@ -11,8 +11,11 @@ import importlib.util
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psycopg2
@@ -291,3 +294,41 @@ def test_a_missing_program_skips_with_its_reason_and_fails_under_ci(
         monkeypatch.setenv("PGACCESS_CI", "1")
         with pytest.raises(pytest.fail.Exception, match="CI must have it"):
             skip_unless_available(reason)
+
+
+def test_a_killed_test_run_leaves_no_replicated_pair_behind() -> None:
+    script = (
+        "import sys, time\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from support.topology import replicated_pair\n"
+        "with replicated_pair() as pair:\n"
+        "    print(pair.root, *(n.datadir / 'postmaster.pid' for n in pair.nodes),"
+        " flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    tests = str(Path(__file__).parent)
+    with subprocess.Popen(
+        [sys.executable, "-c", script, tests], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None
+            root, *pidfiles = child.stdout.readline().split()
+            pids = [int(Path(p).read_text().split()[0]) for p in pidfiles]
+        finally:
+            child.kill()  # SIGKILL: no finally block of its runs
+    deadline = time.monotonic() + 60
+    while Path(root).exists() or any(map(alive, pids)):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not Path(root).exists()
+    assert [pid for pid in pids if alive(pid)] == []  # both postmasters are gone
+
+
+def alive(pid: int) -> bool:
+    """A process that runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat_line.rsplit(")", 1)[1].split()[0] != "Z"

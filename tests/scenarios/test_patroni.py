@@ -29,6 +29,13 @@ def cluster() -> Iterator[PatroniCluster]:
         yield started
 
 
+@pytest.fixture(autouse=True)
+def healed(request: pytest.FixtureRequest) -> None:
+    """Each test using the shared cluster starts with every node up and streaming."""
+    if "cluster" in request.fixturenames:
+        request.getfixturevalue("cluster").heal()
+
+
 def roles_of(
     cluster: PatroniCluster, exclude: Optional[str] = None
 ) -> List[Tuple[str, bool]]:
@@ -170,6 +177,7 @@ def test_a_stopped_leader_hands_over_and_rejoins(cluster: PatroniCluster) -> Non
     t0 = time.monotonic()
     cluster.stop_node(old)  # SIGTERM: Patroni stops PostgreSQL, gives the key up
     new = wait_for_new_leader(cluster, old, 60)
+    assert cluster.wait_ready(replicas=1) == new
     print(
         f"\npatroni: SIGTERM of the leader {old}: {new} leads after "
         f"{time.monotonic() - t0:.2f} s"
@@ -189,6 +197,7 @@ def test_a_killed_leader_is_replaced_within_the_ttl_and_rejoins(
     t0 = time.monotonic()
     cluster.kill_node(old)  # SIGKILL of Patroni and of its postmaster
     new = wait_for_new_leader(cluster, old, cluster.TTL * 4)
+    assert cluster.wait_ready(replicas=1) == new
     took = time.monotonic() - t0
     print(
         f"\npatroni: SIGKILL of the leader {old}: {new} leads after {took:.2f} s "

@@ -43,6 +43,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import psycopg2
 from psycopg2.extensions import make_dsn
 
 from pgaccess.embedded import scratch_dir, server_bin_dir, server_user
@@ -312,7 +313,10 @@ class PatroniCluster:
                 if m.get("role") == "leader" and m.get("state") == "running"
             ]
             streaming = [m for m in members if m.get("state") == "streaming"]
-            if len(leaders) == 1 and len(streaming) >= want:
+            # Patroni names the leader as soon as it holds the key; the server may
+            # still be promoting. Ready means writable.
+            ready = len(leaders) == 1 and len(streaming) >= want
+            if ready and self._writable(leaders[0]):
                 return str(leaders[0])
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -321,7 +325,33 @@ class PatroniCluster:
                 )
             time.sleep(0.1)
 
+    def _writable(self, name: str) -> bool:
+        try:
+            conn = psycopg2.connect(self.node_dsn(name), connect_timeout=3)
+        except psycopg2.Error:
+            return False
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_is_in_recovery()")
+                row = cur.fetchone()
+                return row is not None and not row[0]
+        except psycopg2.Error:
+            return False
+        finally:
+            conn.close()
+
     # ---------------------------------------------------------------- control
+    def heal(self) -> str:
+        """Start every node that is not running; wait until the cluster is ready.
+
+        What a test calls first, so that it does not inherit a node an earlier
+        test stopped or killed. Returns the leader.
+        """
+        for node in self.nodes:
+            if node.process is None or not node.process.alive():
+                self.start_node(node.name)
+        return self.wait_ready()
+
     def start(self) -> PatroniCluster:
         """Start etcd and every node; return once the cluster is ready."""
         fd = os.open(self.passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -338,7 +368,8 @@ class PatroniCluster:
     def switchover(self, candidate: Optional[str] = None) -> Tuple[str, float]:
         """Switch over through the leader's REST API; (new leader, seconds it took).
 
-        Returns once the new leader runs and every other node streams again.
+        The seconds run from the request to the new leader taking writes; returns
+        once every other node streams from it again.
         """
         leader = self.wait_ready()
         body: Dict[str, Any] = {"leader": leader}
@@ -349,7 +380,7 @@ class PatroniCluster:
         deadline = time.monotonic() + self.START_TIMEOUT
         while True:
             new = self.leader()
-            if new is not None and new != leader:
+            if new is not None and new != leader and self._writable(new):
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the switchover from {leader} did not happen")

@@ -29,7 +29,10 @@ off a stopped primary may lose acknowledged commits by the server's choice.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -151,11 +154,50 @@ class Replicated:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+#: Run by the reaper: wait for the end of the pipe, then destroy every node.
+_REAP = (
+    "import shutil, sys\n"
+    "from pgaccess.embedded import EmbeddedServer\n"
+    "sys.stdin.buffer.read()\n"
+    "for datadir in sys.argv[2:]:\n"
+    "    EmbeddedServer(datadir).destroy()\n"
+    "shutil.rmtree(sys.argv[1], ignore_errors=True)\n"
+)
+
+
+@contextlib.contextmanager
+def _reaped(root: Path, *datadirs: Path) -> Iterator[None]:
+    """Destroy the servers in ``datadirs`` when this process exits, however it exits.
+
+    As the test plugin does for the session's server: a process of its own waits
+    for the end of a pipe that only this process holds, which the kernel closes on
+    any exit (SIGKILL too). A block that ends normally destroys them itself first.
+    """
+    read_end, write_end = os.pipe()
+    try:
+        reaper = subprocess.Popen(
+            [sys.executable, "-c", _REAP, str(root), *map(str, datadirs)],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        os.close(read_end)
+    try:
+        yield
+    finally:
+        os.close(write_end)
+        reaper.wait(60)
+
+
 @contextlib.contextmanager
 def replicated_pair(
     *, synchronous: bool = False, settings: Optional[Dict[str, Any]] = None
 ) -> Iterator[Replicated]:
-    """Start a primary and a standby (``node1``, ``node2``); destroy both afterwards."""
+    """Start a primary and a standby (``node1``, ``node2``); destroy both afterwards.
+
+    Also when pytest is killed: a reaper process destroys them then.
+    """
     conf: Dict[str, Any] = {"synchronous_commit": "on"}
     conf.update(settings or {})
     root = scratch_dir("pgaccess-replicated-")
@@ -163,14 +205,15 @@ def replicated_pair(
         root / "node1", durable=False, tcp=True, replication=True, settings=conf
     )
     nodes = [primary]
-    try:
-        primary.start()
-        nodes.append(primary.replica(root / "node2", synchronous=synchronous))
-        yield Replicated(nodes, root, synchronous)
-    finally:
-        for node in nodes:
-            node.destroy()
-        shutil.rmtree(root, ignore_errors=True)
+    with _reaped(root, root / "node1", root / "node2"):
+        try:
+            primary.start()
+            nodes.append(primary.replica(root / "node2", synchronous=synchronous))
+            yield Replicated(nodes, root, synchronous)
+        finally:
+            for node in nodes:
+                node.destroy()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 class _Kept:
