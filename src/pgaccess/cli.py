@@ -216,6 +216,8 @@ def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
             threads=args.threads,
             worker_id=args.worker_id,
             reclaim_after=args.reclaim_after,
+            metrics_port=args.metrics_port,
+            metrics_addr=args.metrics_addr,
         )
         stop = threading.Event()
         with _stop_on_signals(stop, "finishing the jobs in hand, then stopping"):
@@ -309,6 +311,19 @@ def _parser() -> argparse.ArgumentParser:
         type=_duration,
         metavar="DURATION",
         help="also requeue other workers' jobs silent this long (default: never)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at /metrics on this port (needs the "
+        "pgaccess[metrics] extra)",
+    )
+    p.add_argument(
+        "--metrics-addr",
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="the address /metrics listens on (0.0.0.0: every interface)",
     )
     p.set_defaults(run=_cmd_worker)
 

@@ -8,13 +8,17 @@ import os
 import socket
 import threading
 from time import perf_counter
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ..database import Database
 from ..errors import DatabaseError
+from ..stats import Histograms
 from . import queries as Q
 from .listener import Listener, Wakeup
 from .queue import Duration, JobHandle, VideoJobs, error_text, seconds
+
+if TYPE_CHECKING:
+    from ..metrics import MetricsServer
 
 __all__ = ["Handler", "Worker"]
 
@@ -73,6 +77,12 @@ class Worker:
     stopping them leaves their jobs ``processing`` until ``reclaim_stale`` (run every
     ``RECLAIM_INTERVAL`` when ``reclaim_after`` is given) returns them.
     ``purge_after``: delete jobs finished that long ago, every ``PURGE_INTERVAL``.
+
+    ``metrics_port``: serve Prometheus metrics at ``/metrics`` on that port (0: any
+    free one, see ``metrics_address``) of ``metrics_addr`` while the worker runs:
+    this worker's counts and stage timings (``stage_seconds``), its pool, the
+    statements, the retries and the queue (see ``pgaccess.metrics``; needs the
+    ``metrics`` extra, else ``ImportError`` here).
     """
 
     IDLE_MIN: float = 0.05
@@ -101,6 +111,8 @@ class Worker:
         purge_after: Optional[Duration] = None,
         listen: bool = True,
         listen_dsn: Optional[str] = None,
+        metrics_port: Optional[int] = None,
+        metrics_addr: str = "0.0.0.0",
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -128,6 +140,13 @@ class Worker:
         self._threads: List[threading.Thread] = []
         self._lock = threading.Lock()
         self._counts: Dict[str, int] = dict.fromkeys(_COUNTS, 0)
+        #: Stage timings (seconds) of the jobs this worker completed.
+        self.stage_seconds = Histograms()
+        self.metrics_port = metrics_port
+        self.metrics_addr = metrics_addr
+        self._metrics: Optional[MetricsServer] = None
+        if metrics_port is not None:
+            from .. import metrics  # noqa: F401 (fails here if the extra is missing)
 
     def __repr__(self) -> str:
         return f"<Worker {self.worker_id!r} threads={self.threads}>"
@@ -137,6 +156,12 @@ class Worker:
         """Start the threads and return. Raises RuntimeError if already started."""
         if self._threads:
             raise RuntimeError(f"{self!r} was already started")
+        if self.metrics_port is not None:  # first: a port in use starts nothing
+            from ..metrics import serve
+
+            self._metrics = serve(
+                self.metrics_port, self.metrics_addr, db=self.db, worker=self
+            )
         if self.listen:
             dsn = self.listen_dsn
             if dsn is None:
@@ -171,6 +196,13 @@ class Worker:
         self._wakeup.close()
         if self.listener is not None:
             self.listener.stop()
+        if self._metrics is not None:
+            self._metrics.close()
+
+    @property
+    def metrics_address(self) -> Optional[Tuple[str, int]]:
+        """(host, port) the metrics are served on while the worker runs, else None."""
+        return None if self._metrics is None else self._metrics.address
 
     def join(self, timeout: Optional[float] = None) -> bool:
         """Wait for the threads to end; True if they all did within ``timeout``."""
@@ -355,6 +387,15 @@ class Worker:
             completed=len(outcome.completed),
             lost=len(outcome.lost),
             failed=len(outcome.refused),
+        )
+        done = set(outcome.completed)
+        self.stage_seconds.observe_many(
+            [
+                (stage, ms / 1000.0)
+                for h in batch
+                if h.id in done
+                for _, stage, ms in h.timings
+            ]
         )
 
     def _release(self, handles: List[JobHandle]) -> None:
