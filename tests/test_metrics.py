@@ -214,6 +214,7 @@ def test_the_server_stops_with_the_worker(db: Database, worker: Worker) -> None:
     scrape(address)  # type: ignore[arg-type]
     worker.stop()
     assert worker.join(15)
+    assert worker.metrics_address is None
     with pytest.raises(OSError):
         scrape(address)  # type: ignore[arg-type]
 

@@ -196,8 +196,9 @@ class Worker:
         self._wakeup.close()
         if self.listener is not None:
             self.listener.stop()
-        if self._metrics is not None:
-            self._metrics.close()
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            metrics.close()
 
     @property
     def metrics_address(self) -> Optional[Tuple[str, int]]:
