@@ -13,6 +13,7 @@ The hierarchy (the review checklist)::
     │   ├── ConnectionLost             the connection died while in use
     │   │   └── CommitOutcomeUnknown   ... while a COMMIT or autocommit write was sent
     │   ├── QueryCanceled              57014: statement_timeout or a cancel
+    │   ├── ReadOnlyNode               25006: a write refused by a standby (failover)
     │   └── TransactionRollback        40xxx
     │       ├── SerializationFailure   40001
     │       └── DeadlockDetected       40P01
@@ -58,6 +59,7 @@ __all__ = [
     "PoolTimeout",
     "ProgrammingError",
     "QueryCanceled",
+    "ReadOnlyNode",
     "SerializationFailure",
     "TransactionError",
     "TransactionRollback",
@@ -157,6 +159,20 @@ class QueryCanceled(OperationalError):
     """The statement was canceled: statement_timeout, or a cancel request."""
 
 
+class ReadOnlyNode(OperationalError):
+    """25006: the server refused a write because it is read-only, nothing was written.
+
+    Outside a transaction this means the connection reached a standby: a failover
+    moved the primary, or a pooler sent the connection to the wrong node. The pool
+    then reconnects every connection and the write is tried again (see the README's
+    "Scaling out"). Inside ``SET TRANSACTION READ ONLY`` it is the caller's own doing.
+    """
+
+    #: Whether the pool reconnected every connection after it (a pool for writes
+    #: does; a read pool, on a standby by design, does not): only then is it retried.
+    reconnected = False
+
+
 class TransactionRollback(OperationalError):
     """The server rolled the transaction back; running it again may succeed."""
 
@@ -216,6 +232,7 @@ _BY_SQLSTATE: Dict[str, Type[DatabaseError]] = {
     "42P01": UnknownTable,
     "42703": UnknownColumn,
     "57014": QueryCanceled,
+    "25006": ReadOnlyNode,
     "57P01": ConnectionLost,  # admin_shutdown: pg_terminate_backend, fast shutdown
     "57P02": ConnectionLost,  # crash_shutdown
     "57P03": ConnectionFailed,  # cannot_connect_now: starting up or shutting down

@@ -19,6 +19,7 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Protocol,
     Sequence,
     Tuple,
     TypeVar,
@@ -29,6 +30,7 @@ import psycopg2.extras
 from psycopg2 import sql
 
 from . import sql as q
+from .config import TRANSACTION_POOLER
 from .copy import copy_buffer
 from .errors import (
     CommitOutcomeUnknown,
@@ -43,7 +45,7 @@ from .executor import ONE, ROWCOUNT, ROWS, SCALAR, Params, Retrying
 from .policies import WritePolicies, WritePolicy
 from .retry import RetryPolicy
 
-__all__ = ["Facade", "Row"]
+__all__ = ["Facade", "Reads", "Row"]
 
 logger = logging.getLogger("pgaccess.facade")
 
@@ -51,11 +53,25 @@ T = TypeVar("T")
 Row = Dict[str, Any]
 
 
+class Reads(Protocol):
+    """What runs the facade's reads: a ``Retrying`` executor, or a router."""
+
+    def run(
+        self,
+        st: q.Statement,
+        params: Params,
+        mode: int,
+        write: bool,
+        retry: Optional[RetryPolicy] = None,
+    ) -> Any: ...
+
+
 class Facade:
     """``insert``, ``find_one``, ``update``, ... on an executor.
 
     ``read_retry`` is how reads are retried (None: never); ``write_policies`` say
-    which writes re-run safely (see ``policies.py``).
+    which writes re-run safely (see ``policies.py``); ``reads`` runs the reads, when
+    they go elsewhere than the writes (standbys: ``routing.ReadRouter``).
     """
 
     def __init__(
@@ -63,13 +79,15 @@ class Facade:
         executor: Retrying,
         write_policies: WritePolicies,
         read_retry: Optional[RetryPolicy],
+        reads: Optional[Reads] = None,
     ) -> None:
         self._ex = executor
+        self._reads: Reads = reads or executor
         self.write_policies = write_policies
         self._read_retry = read_retry
 
     def _read(self, st: q.Statement, params: Params, mode: int) -> Any:
-        return self._ex.run(st, params, mode, False, self._read_retry)
+        return self._reads.run(st, params, mode, False, self._read_retry)
 
     # ----------------------------------------------------------- reads
     def find_one(
@@ -523,6 +541,8 @@ class Facade:
         """
         q.check_params(params)
         st = _raw_statement(query)
+        if self._ex.pool.settings.pooler == TRANSACTION_POOLER:
+            q.check_no_session_state(_text_of(st))
         if retry is None and _is_read(st.composed):
             return self._read(st, params, ROWS)  # type: ignore[no-any-return]
         return self._ex.run(st, params, ROWS, True, retry)  # type: ignore[no-any-return]

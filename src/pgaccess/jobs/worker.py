@@ -10,8 +10,9 @@ import threading
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from ..config import TRANSACTION_POOLER
 from ..database import Database
-from ..errors import DatabaseError
+from ..errors import DatabaseError, InvalidQuery
 from ..stats import Histograms
 from . import queries as Q
 from .listener import Listener, Wakeup
@@ -156,16 +157,27 @@ class Worker:
         """Start the threads and return. Raises RuntimeError if already started."""
         if self._threads:
             raise RuntimeError(f"{self!r} was already started")
-        if self.metrics_port is not None:  # first: a port in use starts nothing
+        dsn = None
+        if self.listen:
+            dsn = self.listen_dsn or self.db.session_dsn
+            if dsn is None:
+                settings = self.db.pool.settings
+                if settings.pooler == TRANSACTION_POOLER:
+                    raise InvalidQuery(
+                        "LISTEN needs a session, which the pool's transaction-mode "
+                        "pooler does not keep: pass Worker(listen_dsn=...) or "
+                        "Database(session_dsn=...) (the server, or a session-mode "
+                        "pooler), or listen=False to poll"
+                    )
+                dsn = settings.dsn
+        # After the checks, before any thread: a port in use starts nothing.
+        if self.metrics_port is not None:
             from ..metrics import serve
 
             self._metrics = serve(
                 self.metrics_port, self.metrics_addr, db=self.db, worker=self
             )
-        if self.listen:
-            dsn = self.listen_dsn
-            if dsn is None:
-                dsn = self.db.pool.settings.dsn
+        if dsn is not None:
             self.listener = Listener(
                 dsn,
                 Q.CHANNEL,
