@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 import threading
@@ -275,6 +276,8 @@ def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
             threads=args.threads,
             worker_id=args.worker_id,
             reclaim_after=args.reclaim_after,
+            metrics_port=args.metrics_port,
+            metrics_addr=args.metrics_addr,
         )
         stop = threading.Event()
         with _stop_on_signals(stop, "finishing the jobs in hand, then stopping"):
@@ -284,6 +287,34 @@ def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
         "pgaccess: worker stopped: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
         file=out,
     )
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
+    from .dashboard import DashboardServer
+
+    token = args.token or os.environ.get("PGACCESS_DASHBOARD_TOKEN") or None
+    if args.token_generate:
+        token = secrets.token_urlsafe(24)
+    with _database(args, 2) as db:
+        try:
+            server = DashboardServer(
+                db, args.host, args.port, token=token, refresh=args.refresh
+            )
+        except (OSError, ValueError) as exc:
+            print(f"pgaccess dashboard: {exc}", file=sys.stderr)
+            return 1
+        print(f"pgaccess dashboard: {server.url} (Ctrl-C stops it)", file=out)
+        if args.token_generate:
+            print(
+                f"pgaccess dashboard: log in with {server.url}?token={token}", file=out
+            )
+        elif token is None:
+            print("pgaccess dashboard: read-only (no --token)", file=out)
+        out.flush()
+        stop = threading.Event()
+        with _stop_on_signals(stop, "stopping the dashboard"):
+            server.run(stop)
     return 0
 
 
@@ -379,7 +410,41 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="also requeue other workers' jobs silent this long (default: never)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at /metrics on this port (needs the "
+        "pgaccess[metrics] extra)",
+    )
+    p.add_argument(
+        "--metrics-addr",
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="the address /metrics listens on (0.0.0.0: every interface)",
+    )
     p.set_defaults(run=_cmd_worker)
+
+    p = sub.add_parser("dashboard", help="the queue in a browser")
+    p.add_argument("--port", type=int, default=8080, help="port (8080; 0: any free)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (127.0.0.1: this machine only)",
+    )
+    tokens = p.add_mutually_exclusive_group()
+    tokens.add_argument(
+        "--token",
+        help="enable the retry and cancel buttons for who shows this token "
+        "(default: PGACCESS_DASHBOARD_TOKEN; none: read-only)",
+    )
+    tokens.add_argument(
+        "--token-generate",
+        action="store_true",
+        help="make a token and print the URL that logs in with it",
+    )
+    p.add_argument("--refresh", type=_duration, default=5.0, help="page refresh (5s)")
+    p.set_defaults(run=_cmd_dashboard)
 
     p = sub.add_parser("demo", help="run the pipeline on synthetic videos")
     p.add_argument("--jobs", type=_positive_int, default=500, help="videos (500)")

@@ -28,6 +28,7 @@ Job states::
                       processing --reclaim_stale--> queued, or failed if none left
                       processing --release--> queued (the attempt not counted)
     queued, processing --cancel--> cancelled
+    failed --cancel(failed=True)--> cancelled
 """
 
 from __future__ import annotations
@@ -1089,13 +1090,14 @@ class VideoJobs:
         job_id = check_id(job_id)
         return bool(self._write(Q.RETRY_FAILED, {"id": job_id}))
 
-    def cancel(self, job_id: int) -> bool:
+    def cancel(self, job_id: int, *, failed: bool = False) -> bool:
         """Cancel a queued or processing job; False if it had already finished.
 
         A worker holding it gets ``JobLost`` at its next heartbeat or completion.
+        ``failed=True`` also cancels a ``failed`` job: given up, not to be retried.
         """
         job_id = check_id(job_id)
-        return bool(self._write(Q.CANCEL, {"id": job_id}))
+        return bool(self._write(Q.CANCEL, {"id": job_id, "failed": bool(failed)}))
 
     def purge(self, older_than: Duration) -> int:
         """Delete jobs finished more than ``older_than`` ago; return how many.
