@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: test demo bench bench-quick lint soak clean
+.PHONY: test test-ha demo bench bench-quick lint soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,19 @@ $(VENV)/.dev: $(VENV)/.test
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+$(VENV)/.ha: $(VENV)/.test
+	$(BIN)/pip install -q -e '.[ha]'
+	touch $@
+
 $(VENV)/.bench: $(VENV)/.test
 	$(BIN)/pip install -q -e '.[bench]'
 	touch $@
 
 test: $(VENV)/.test          ## the test suite, 4 xdist workers
-	$(BIN)/pytest -n 4 -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -n 4 -m "not slow and not patroni" $(PYTEST_ARGS)
+
+test-ha: $(VENV)/.ha         ## the Patroni tier (needs etcd: apt-get install etcd-server)
+	$(BIN)/pytest -m patroni $(PYTEST_ARGS)
 
 demo: $(VENV)/.test          ## the pipeline demo on the embedded (or PGACCESS_DSN) server
 	$(BIN)/pgaccess demo $(DEMO_ARGS)

@@ -1,9 +1,9 @@
--- pgaccess: the video pipeline's schema. The one source of the schema; shipped inside
--- the package as pgaccess/schema.sql and applied by `pgaccess init-db` or
--- pgaccess.schema.apply(). Idempotent: applying it twice changes nothing.
---
--- Applied inside one transaction under a transaction-scoped advisory lock (see
--- pgaccess/schema.py), so concurrent appliers queue instead of racing on the catalog.
+-- pgaccess: the video pipeline's schema, the newest version in one file, for readers.
+-- Databases are made and upgraded by the numbered migrations shipped in the package
+-- (src/pgaccess/migrations/NNNN_name.sql), applied by `pgaccess migrate` or
+-- pgaccess.schema.migrate(); tests/test_migrations.py checks that migrating an empty
+-- database builds exactly what this file builds. A change to the schema is a new
+-- migration AND the same change here (columns added by ALTER TABLE go last).
 
 CREATE TABLE IF NOT EXISTS video_job (
     id            bigserial PRIMARY KEY,

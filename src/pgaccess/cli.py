@@ -15,13 +15,15 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 import threading
+from datetime import datetime
 from types import FrameType
-from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
+from typing import Any, Callable, Iterator, List, Optional, Sequence, TextIO
 
-from . import schema
+from . import schema, terminal
 from .config import redact_dsn
 from .database import Database
 from .demo import print_stages, print_summary, run_demo
@@ -87,10 +89,64 @@ def _database(args: argparse.Namespace, maxconn: int) -> Database:
 
 def _cmd_init_db(args: argparse.Namespace, out: TextIO) -> int:
     with _database(args, 1) as db:
-        schema.apply(db.pool)
-        where = redact_dsn(db.pool.settings.dsn) or "libpq's default database"
-    print(f"pgaccess: schema applied to {where}", file=out)
+        applied = schema.migrate(db.pool)
+        where = _where(db)
+    print(f"pgaccess: schema applied to {where}: {_applied(applied)}", file=out)
     return 0
+
+
+def _cmd_migrate(args: argparse.Namespace, out: TextIO) -> int:
+    with _database(args, 1) as db:
+        where = _where(db)
+        if args.dry_run:
+            script = schema.dry_run_sql(db.pool)
+            print(script or f"-- {where} is up to date: nothing to run", file=out)
+            return 0
+        if args.status:
+            _print_status(schema.status(db.pool), where, out)
+            return 0
+        applied = schema.migrate(db.pool)
+        version = schema.status(db.pool).version
+    print(f"pgaccess: {where}: schema version {version}, {_applied(applied)}", file=out)
+    return 0
+
+
+def _when(moment: Optional[datetime]) -> str:
+    return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M:%S %Z}"
+
+
+def _where(db: Database) -> str:
+    return redact_dsn(db.pool.settings.dsn) or "libpq's default database"
+
+
+def _applied(applied: Sequence[schema.Migration]) -> str:
+    if not applied:
+        return "up to date, nothing to apply"
+    return "applied " + ", ".join(m.label for m in applied)
+
+
+def _print_status(state: schema.SchemaStatus, where: str, out: TextIO) -> None:
+    """``pgaccess migrate --status``: each migration, applied (when, by what) or
+    pending."""
+    rows = [
+        (a.label, _when(a.applied_at), a.pgaccess_version + " (baseline)" * a.baseline)
+        for a in state.applied
+    ]
+    rows += [(m.label, "pending", "") for m in state.pending]
+    rows += [
+        (
+            a.label,
+            _when(a.applied_at),
+            f"{a.pgaccess_version} (unknown to this pgaccess)",
+        )
+        for a in state.unknown
+    ]
+    terminal.table(
+        out,
+        f"schema of {where}: version {state.version}",
+        terminal.columns_of("migration", "applied at", "by pgaccess"),
+        sorted(rows),
+    )
 
 
 def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
@@ -102,29 +158,39 @@ def _cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
         report = {"queue": queue, "stages": stages, "queries": queries}
         print(json.dumps(report, indent=2, default=str), file=out)
         return 0
-    print("queue", file=out)
-    statuses = ("queued", "processing", "waiting", "completed", "failed", "cancelled")
-    for status in statuses:
-        print(f"  {status:<12} {queue[status]:>10}", file=out)
-    print(f"  {'oldest queued':<20} {_fmt_seconds(queue['oldest_queued_s'])}", file=out)
-    print(
-        f"  {'finished/min':<20} {queue['finished_per_minute']:.1f} (last 5 min)",
-        file=out,
-    )
     rate = queue["success_rate"]
-    print(f"  {'success rate':<20} {'-' if rate is None else f'{rate:.1%}'}", file=out)
-    print(
-        f"  {'processing time':<20} mean {_fmt_seconds(queue['mean_processing_s'])},"
-        f" p95 {_fmt_seconds(queue['p95_processing_s'])}",
-        file=out,
-    )
-    print_stages(stages, out, full=True)
-    print("top statements of this command (pgaccess counts per process)", file=out)
-    for q in queries[: args.top]:
-        print(
-            f"  {q['calls']:>6} calls {q['total_ms']:>9.1f} ms  {q['statement'][:90]}",
-            file=out,
+    rows: List[List[Any]] = [
+        [status, queue[status]]
+        for status in (
+            "queued",
+            "processing",
+            "waiting",
+            "completed",
+            "failed",
+            "cancelled",
         )
+    ]
+    rows += [
+        ["oldest queued", _fmt_seconds(queue["oldest_queued_s"])],
+        ["finished/min", f"{queue['finished_per_minute']:.1f} (last 5 min)"],
+        ["success rate", "-" if rate is None else f"{rate:.1%}"],
+        [
+            "processing time",
+            f"mean {_fmt_seconds(queue['mean_processing_s'])}, "
+            f"p95 {_fmt_seconds(queue['p95_processing_s'])}",
+        ],
+    ]
+    terminal.table(out, "queue", terminal.columns_of("", ">"), rows)
+    print_stages(stages, out, full=True)
+    terminal.table(
+        out,
+        "top statements of this command (pgaccess counts per process)",
+        terminal.columns_of(">calls", ">total ms", "statement"),
+        [
+            [q["calls"], f"{q['total_ms']:.1f}", " ".join(q["statement"].split())]
+            for q in queries[: args.top]
+        ],
+    )
     return 0
 
 
@@ -217,6 +283,8 @@ def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
             threads=args.threads,
             worker_id=args.worker_id,
             reclaim_after=args.reclaim_after,
+            metrics_port=args.metrics_port,
+            metrics_addr=args.metrics_addr,
         )
         stop = threading.Event()
         with _stop_on_signals(stop, "finishing the jobs in hand, then stopping"):
@@ -226,6 +294,34 @@ def _cmd_worker(args: argparse.Namespace, out: TextIO) -> int:
         "pgaccess: worker stopped: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
         file=out,
     )
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace, out: TextIO) -> int:
+    from .dashboard import DashboardServer
+
+    token = args.token or os.environ.get("PGACCESS_DASHBOARD_TOKEN") or None
+    if args.token_generate:
+        token = secrets.token_urlsafe(24)
+    with _database(args, 2) as db:
+        try:
+            server = DashboardServer(
+                db, args.host, args.port, token=token, refresh=args.refresh
+            )
+        except (OSError, ValueError) as exc:
+            print(f"pgaccess dashboard: {exc}", file=sys.stderr)
+            return 1
+        print(f"pgaccess dashboard: {server.url} (Ctrl-C stops it)", file=out)
+        if args.token_generate:
+            print(
+                f"pgaccess dashboard: log in with {server.url}?token={token}", file=out
+            )
+        elif token is None:
+            print("pgaccess dashboard: read-only (no --token)", file=out)
+        out.flush()
+        stop = threading.Event()
+        with _stop_on_signals(stop, "stopping the dashboard"):
+            server.run(stop)
     return 0
 
 
@@ -279,8 +375,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("init-db", help="apply the pipeline's schema (idempotent)")
+    p = sub.add_parser("init-db", help="create the pipeline's schema (= migrate)")
     p.set_defaults(run=_cmd_init_db)
+
+    p = sub.add_parser("migrate", help="apply the schema migrations not applied yet")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--status", action="store_true", help="list applied and pending migrations"
+    )
+    how.add_argument(
+        "--dry-run", action="store_true", help="print the SQL, apply nothing"
+    )
+    p.set_defaults(run=_cmd_migrate)
 
     p = sub.add_parser("stats", help="queue, stage timings and statement statistics")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -312,7 +418,41 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="also requeue other workers' jobs silent this long (default: never)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at /metrics on this port (needs the "
+        "pgaccess[metrics] extra)",
+    )
+    p.add_argument(
+        "--metrics-addr",
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="the address /metrics listens on (0.0.0.0: every interface)",
+    )
     p.set_defaults(run=_cmd_worker)
+
+    p = sub.add_parser("dashboard", help="the queue in a browser")
+    p.add_argument("--port", type=int, default=8080, help="port (8080; 0: any free)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (127.0.0.1: this machine only)",
+    )
+    tokens = p.add_mutually_exclusive_group()
+    tokens.add_argument(
+        "--token",
+        help="enable the retry and cancel buttons for who shows this token "
+        "(default: PGACCESS_DASHBOARD_TOKEN; none: read-only)",
+    )
+    tokens.add_argument(
+        "--token-generate",
+        action="store_true",
+        help="make a token and print the URL that logs in with it",
+    )
+    p.add_argument("--refresh", type=_duration, default=5.0, help="page refresh (5s)")
+    p.set_defaults(run=_cmd_dashboard)
 
     p = sub.add_parser("demo", help="run the pipeline on synthetic videos")
     p.add_argument("--jobs", type=_positive_int, default=500, help="videos (500)")

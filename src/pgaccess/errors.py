@@ -5,6 +5,8 @@ The hierarchy (the review checklist)::
     DatabaseError                      every error pgaccess raises
     ├── InvalidQuery (ValueError)      bad input caught before any SQL was sent
     ├── TransactionError               a transaction used the wrong way
+    ├── MigrationError                 a schema migration could not be applied
+    │   └── SchemaVersionError         the schema is older than this pgaccess needs
     ├── OperationalError               the server or the connection, not the statement
     │   ├── PoolError
     │   │   ├── PoolTimeout            no connection free within the timeout
@@ -13,6 +15,7 @@ The hierarchy (the review checklist)::
     │   ├── ConnectionLost             the connection died while in use
     │   │   └── CommitOutcomeUnknown   ... while a COMMIT or autocommit write was sent
     │   ├── QueryCanceled              57014: statement_timeout or a cancel
+    │   ├── ReadOnlyNode               25006: a write refused by a standby (failover)
     │   └── TransactionRollback        40xxx
     │       ├── SerializationFailure   40001
     │       └── DeadlockDetected       40P01
@@ -51,6 +54,7 @@ __all__ = [
     "ForeignKeyViolation",
     "IntegrityError",
     "InvalidQuery",
+    "MigrationError",
     "NotNullViolation",
     "OperationalError",
     "PoolClosed",
@@ -58,6 +62,8 @@ __all__ = [
     "PoolTimeout",
     "ProgrammingError",
     "QueryCanceled",
+    "ReadOnlyNode",
+    "SchemaVersionError",
     "SerializationFailure",
     "TransactionError",
     "TransactionRollback",
@@ -121,6 +127,15 @@ class TransactionError(DatabaseError):
     """A transaction used the wrong way: finished, or retried inside another."""
 
 
+class MigrationError(DatabaseError):
+    """A migration could not be applied; the database stays at the version before it."""
+
+
+class SchemaVersionError(MigrationError):
+    """The database's schema is older than this pgaccess needs: run ``pgaccess
+    migrate``."""
+
+
 class OperationalError(DatabaseError):
     """A problem with the server or the connection rather than with the statement."""
 
@@ -155,6 +170,20 @@ class CommitOutcomeUnknown(ConnectionLost):
 
 class QueryCanceled(OperationalError):
     """The statement was canceled: statement_timeout, or a cancel request."""
+
+
+class ReadOnlyNode(OperationalError):
+    """25006: the server refused a write because it is read-only, nothing was written.
+
+    Outside a transaction this means the connection reached a standby: a failover
+    moved the primary, or a pooler sent the connection to the wrong node. The pool
+    then reconnects every connection and the write is tried again (see the README's
+    "Scaling out"). Inside ``SET TRANSACTION READ ONLY`` it is the caller's own doing.
+    """
+
+    #: Whether the pool reconnected every connection after it (a pool for writes
+    #: does; a read pool, on a standby by design, does not): only then is it retried.
+    reconnected = False
 
 
 class TransactionRollback(OperationalError):
@@ -216,6 +245,7 @@ _BY_SQLSTATE: Dict[str, Type[DatabaseError]] = {
     "42P01": UnknownTable,
     "42703": UnknownColumn,
     "57014": QueryCanceled,
+    "25006": ReadOnlyNode,
     "57P01": ConnectionLost,  # admin_shutdown: pg_terminate_backend, fast shutdown
     "57P02": ConnectionLost,  # crash_shutdown
     "57P03": ConnectionFailed,  # cannot_connect_now: starting up or shutting down

@@ -14,11 +14,22 @@ Layers that call only downward, as httpx's ``Client.send`` -> ``_send_single_req
   the next. Never inside a transaction (its first error aborted it).
 
 The facade (``facade.py``) builds the statements and hands them to one of these.
+
+A pool's statement timeout travels with the statements, as ``SET LOCAL
+statement_timeout = N`` in the same simple-query string (an implicit transaction,
+so it ends with the statement) or after a transaction's BEGIN: never as a session
+setting, which a transaction-mode pooler would leak to other clients.
+
+A write refused as read-only (SQLSTATE 25006, ``ReadOnlyNode``) outside a
+transaction means the pool's server is a standby now: the pool drains
+(``ConnectionPool.drain``) and the retrying executor runs the statement again,
+whether or not it is idempotent, since nothing was written.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from time import perf_counter
 from typing import (
@@ -37,9 +48,16 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from . import sql as q
-from .errors import DatabaseError, InvalidQuery, TransactionError, translate
+from .connector import PREFER_STANDBY, STANDBY
+from .errors import (
+    DatabaseError,
+    InvalidQuery,
+    ReadOnlyNode,
+    TransactionError,
+    translate,
+)
 from .pool import ConnectionPool, PooledConnection
-from .retry import RetryPolicy
+from .retry import REFUSED, RetryPolicy
 from .stats import Recorder
 
 __all__ = [
@@ -141,6 +159,30 @@ def statement(
     return work
 
 
+# Statements PostgreSQL refuses inside a transaction block, the implicit one of a
+# multi-statement string included: they go without the SET LOCAL.
+_NO_TRANSACTION_BLOCK = re.compile(
+    r"\s*(VACUUM|CREATE\s+DATABASE|DROP\s+DATABASE|ALTER\s+SYSTEM|CREATE\s+TABLESPACE"
+    r"|DROP\s+TABLESPACE|REINDEX\s+(SYSTEM|DATABASE)|BEGIN|START|COMMIT|END|ROLLBACK"
+    r"|ABORT|PREPARE\s+TRANSACTION|SAVEPOINT|RELEASE)\b|.*\bCONCURRENTLY\b",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def with_set_local(set_local: str, text: str) -> str:
+    """``text`` with the pool's ``SET LOCAL`` in front, in the same round trip."""
+    if not set_local or _NO_TRANSACTION_BLOCK.match(text):
+        return text
+    return f"{set_local}; {text}"
+
+
+#: How a write refused by a standby is retried once the pool has drained: for a
+#: failover's length (Patroni's switchover takes seconds), whatever the write.
+FAILOVER_RETRY = RetryPolicy(
+    max_attempts=20, delay=0.05, max_delay=1.0, max_time=30.0, retry_on=REFUSED
+)
+
+
 def first_words(st: q.Statement, n: int = 4) -> List[str]:
     """The first words of a statement, to name it in a log line."""
     return (st.text or repr(st.composed)).split()[:n]
@@ -197,18 +239,39 @@ class Autocommit:
             tx = txs.get(pool)
             if tx is not None:
                 return tx.run(st, params, mode, write)
+        if write:
+            marks = pool.writes
+            if marks is not None:
+                marks.wrote()
         conn = pool.acquire()
         try:
-            cur = conn.cursor_cache
-            if cur is None or cur.closed:
-                cur = conn.cursor_cache = conn.cursor()
-            text = st.text or st.render(cur)
-            work = statement(text, params, FETCH[mode])
+            return self.run_on(pool, conn, st, params, mode, write)
+        finally:
+            pool.release(conn)
+
+    def run_on(
+        self,
+        pool: ConnectionPool,
+        conn: PooledConnection,
+        st: q.Statement,
+        params: Params,
+        mode: int,
+        write: bool,
+    ) -> Any:
+        """Run one statement on ``conn``, borrowed from ``pool`` by the caller."""
+        cur = conn.cursor_cache
+        if cur is None or cur.closed:
+            cur = conn.cursor_cache = conn.cursor()
+        text = st.text or st.render(cur)
+        sent = with_set_local(pool.set_local, text) if pool.set_local else text
+        work = statement(sent, params, FETCH[mode])
+        try:
             return execute(
                 conn, cur, text, work, self.record, write=write, params=params
             )
-        finally:
-            pool.release(conn)
+        except ReadOnlyNode as exc:
+            exc.reconnected = wrong_node(pool)
+            raise
 
     def call(
         self, fn: Callable[[Any], T], label: str, write: bool, *, atomic: bool = False
@@ -219,16 +282,33 @@ class Autocommit:
         tx = joined(pool)
         if tx is not None:
             return tx.call(fn, label, write)
+        if write and pool.writes is not None:
+            pool.writes.wrote()
         conn = pool.acquire()
         try:
-            if atomic:
+            # With a statement timeout, even one statement goes in a transaction: the
+            # SET LOCAL needs one, and fn's statements are not one string.
+            if atomic or pool.set_local:
                 tx = TransactionExecutor(pool, conn, "BEGIN", self.record)
                 with tx:
                     return tx.call(fn, label, write)
             with conn.cursor() as cur:
                 return execute(conn, cur, label, fn, self.record, write=write)
+        except ReadOnlyNode as exc:
+            exc.reconnected = wrong_node(pool)
+            raise
         finally:
             pool.release(conn)
+
+
+def wrong_node(pool: ConnectionPool) -> bool:
+    """A write was refused as read-only: a pool for writes reconnects (a read pool
+    is on a standby by design; the router sends such a statement to the primary).
+    Whether it did."""
+    if pool.role in (STANDBY, PREFER_STANDBY):
+        return False
+    pool.drain()
+    return True
 
 
 class TransactionExecutor:
@@ -238,7 +318,16 @@ class TransactionExecutor:
     clean exit and rolls back on an exception; the caller returns the connection.
     """
 
-    __slots__ = ("_cur", "_pending_begin", "conn", "facade", "pool", "record", "status")
+    __slots__ = (
+        "_cur",
+        "_pending_begin",
+        "conn",
+        "facade",
+        "pool",
+        "read_only",
+        "record",
+        "status",
+    )
 
     ACTIVE, COMMITTED, ROLLED_BACK = "active", "committed", "rolled back"
 
@@ -252,6 +341,10 @@ class TransactionExecutor:
         self.pool = pool
         self.conn = conn
         self.record = record
+        #: Begun READ ONLY: a write refused in it is the caller's, not a failover.
+        self.read_only = "READ ONLY" in begin.upper()
+        if pool.set_local:
+            begin = f"{begin}; {pool.set_local}"
         self._cur = conn.cursor()
         self._pending_begin: Optional[str] = begin
         self.status = self.ACTIVE
@@ -306,15 +399,21 @@ class TransactionExecutor:
         begin = self._pending_begin
         if begin is None:
             work = statement(text, params, FETCH[mode])
-            return execute(self.conn, cur, text, work, self.record, write=False,
-                           params=params)  # fmt: skip
+            try:
+                return execute(self.conn, cur, text, work, self.record, write=False,
+                               params=params)  # fmt: skip
+            except ReadOnlyNode as exc:
+                self._refused(exc)
+                raise
         # One round trip for BEGIN and the first statement (simple query protocol).
         self._pending_begin = None
         work = statement(f"{begin}; {text}", params, FETCH[mode])
         try:
             return execute(self.conn, cur, text, work, self.record, write=False,
                            params=params)  # fmt: skip
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ReadOnlyNode):
+                self._refused(exc)
             if self.conn.get_transaction_status() == _STATUS_IDLE:
                 # BEGIN did not run either: a parse error fails the whole "BEGIN; ..."
                 # string, a value psycopg2 cannot adapt fails before sending. Keep
@@ -325,7 +424,15 @@ class TransactionExecutor:
     def call(self, fn: Callable[[Any], T], label: str, write: bool) -> T:
         self.check()
         self.begin_now()
-        return execute(self.conn, self._cur, label, fn, self.record, write=False)
+        try:
+            return execute(self.conn, self._cur, label, fn, self.record, write=False)
+        except ReadOnlyNode as exc:
+            self._refused(exc)
+            raise
+
+    def _refused(self, exc: ReadOnlyNode) -> None:
+        if not self.read_only:
+            exc.reconnected = wrong_node(self.pool)
 
     # ------------------------------------------------------------ the end
     def __enter__(self) -> TransactionExecutor:
@@ -343,6 +450,8 @@ class TransactionExecutor:
             self._pending_begin = None
             self.status = self.COMMITTED
             return
+        if not self.read_only and self.pool.writes is not None:
+            self.pool.writes.wrote()  # before COMMIT: a lost reply may have committed
         if self.conn.get_transaction_status() == _STATUS_INERROR:
             # COMMIT of a failed transaction silently rolls back; say so instead.
             self.rollback()
@@ -403,11 +512,13 @@ class Retrying:
         try:
             return self.inner.run(st, params, mode, write)
         except DatabaseError as exc:
-            if (
-                retry is None
-                or not retry.retries(exc)
-                or self.inner.transaction() is not None
-            ):
+            if retry is None or not retry.retries(exc):
+                # Refused by a standby and reconnected since: nothing was written, so
+                # any write may run again.
+                if not FAILOVER_RETRY.retries(exc):
+                    raise
+                retry = FAILOVER_RETRY
+            if self.inner.transaction() is not None:
                 raise
             first = exc
 

@@ -19,6 +19,7 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Protocol,
     Sequence,
     Tuple,
     TypeVar,
@@ -29,6 +30,7 @@ import psycopg2.extras
 from psycopg2 import sql
 
 from . import sql as q
+from .config import TRANSACTION_POOLER
 from .copy import copy_buffer
 from .errors import (
     CommitOutcomeUnknown,
@@ -42,8 +44,9 @@ from .errors import (
 from .executor import ONE, ROWCOUNT, ROWS, SCALAR, Params, Retrying
 from .policies import WritePolicies, WritePolicy
 from .retry import RetryPolicy
+from .streaming import RowStream, check_batch_size
 
-__all__ = ["Facade", "Row"]
+__all__ = ["Facade", "Reads", "Row"]
 
 logger = logging.getLogger("pgaccess.facade")
 
@@ -51,11 +54,25 @@ T = TypeVar("T")
 Row = Dict[str, Any]
 
 
+class Reads(Protocol):
+    """What runs the facade's reads: a ``Retrying`` executor, or a router."""
+
+    def run(
+        self,
+        st: q.Statement,
+        params: Params,
+        mode: int,
+        write: bool,
+        retry: Optional[RetryPolicy] = None,
+    ) -> Any: ...
+
+
 class Facade:
     """``insert``, ``find_one``, ``update``, ... on an executor.
 
     ``read_retry`` is how reads are retried (None: never); ``write_policies`` say
-    which writes re-run safely (see ``policies.py``).
+    which writes re-run safely (see ``policies.py``); ``reads`` runs the reads, when
+    they go elsewhere than the writes (standbys: ``routing.ReadRouter``).
     """
 
     def __init__(
@@ -63,13 +80,15 @@ class Facade:
         executor: Retrying,
         write_policies: WritePolicies,
         read_retry: Optional[RetryPolicy],
+        reads: Optional[Reads] = None,
     ) -> None:
         self._ex = executor
+        self._reads: Reads = reads or executor
         self.write_policies = write_policies
         self._read_retry = read_retry
 
     def _read(self, st: q.Statement, params: Params, mode: int) -> Any:
-        return self._ex.run(st, params, mode, False, self._read_retry)
+        return self._reads.run(st, params, mode, False, self._read_retry)
 
     # ----------------------------------------------------------- reads
     def find_one(
@@ -115,44 +134,59 @@ class Facade:
         offset: Optional[int] = None,
     ) -> List[Row]:
         """Every row matching ``where``, ordered, limited and offset as asked."""
-        shape, params = q.where_shape(where)
-        limit = q.check_count(limit, "limit")
-        offset = q.check_count(offset, "offset")
-        cols = (
-            columns
-            if columns is None or isinstance(columns, str)
-            else _names_key(columns)
-        )
-        key = (
-            "many",
-            table,
-            shape,
-            cols,
-            q.order_key(order_by),
-            limit is None,
-            offset is None,
-        )
-        st = q.cached(key) or q.statement(
-            key,
-            lambda: sql.SQL("SELECT {} FROM {}{}{}{}{}").format(
-                q.columns_sql(columns),
-                q.table_identifier(table),
-                q.compile_where(shape),
-                q.compile_order_by(order_by),
-                sql.SQL(" LIMIT %s" if limit is not None else ""),
-                sql.SQL(" OFFSET %s" if offset is not None else ""),
-            ),
-        )
-        if limit is not None:
-            params.append(limit)
-        if offset is not None:
-            params.append(offset)
+        st, params = _select_many(table, where, columns, order_by, limit, offset)
         try:
             return self._read(st, params, ROWS)  # type: ignore[no-any-return]
         except (UnknownColumn, UnknownTable) as exc:
             raise self._explain(
                 exc, table, _referenced(where, columns, order_by)
             ) from exc.__cause__
+
+    def iter_many(
+        self,
+        table: str,
+        where: Optional[Mapping[str, Any]] = None,
+        *,
+        columns: Optional[Sequence[str]] = None,
+        order_by: q.OrderBy = None,
+        batch_size: int = 1000,
+    ) -> RowStream:
+        """The rows of ``find_many`` as an iterator, ``batch_size`` rows per round trip.
+
+        For results too large for memory: a server-side cursor in a transaction on one
+        connection (that of the open transaction, if any), given back when the
+        iterator is exhausted, closed, left or collected (see ``streaming.py``).
+        Statement errors raise here; not retried.
+        """
+        batch_size = check_batch_size(batch_size)
+        st, params = _select_many(table, where, columns, order_by, None, None)
+        try:
+            return self._stream(st, params, batch_size)
+        except (UnknownColumn, UnknownTable) as exc:
+            raise self._explain(
+                exc, table, _referenced(where, columns, order_by)
+            ) from exc.__cause__
+
+    def stream(
+        self,
+        query: Union[str, sql.Composable],
+        params: Params = None,
+        batch_size: int = 1000,
+    ) -> RowStream:
+        """The rows of one SELECT (or VALUES) as an iterator; see ``iter_many``.
+
+        Values go in ``params``, as for ``execute``. Not retried.
+        """
+        batch_size = check_batch_size(batch_size)
+        q.check_params(params)
+        return self._stream(_raw_statement(query), params, batch_size)
+
+    def _stream(self, st: q.Statement, params: Params, batch_size: int) -> RowStream:
+        ex = self._ex
+        return RowStream(
+            st, params, batch_size, ex.inner.record, pool=ex.pool,
+            transaction=ex.transaction(),
+        )  # fmt: skip
 
     def count(self, table: str, where: Optional[Mapping[str, Any]] = None) -> int:
         """How many rows match ``where``."""
@@ -523,6 +557,8 @@ class Facade:
         """
         q.check_params(params)
         st = _raw_statement(query)
+        if self._ex.pool.settings.pooler == TRANSACTION_POOLER:
+            q.check_no_session_state(_text_of(st))
         if retry is None and _is_read(st.composed):
             return self._read(st, params, ROWS)  # type: ignore[no-any-return]
         return self._ex.run(st, params, ROWS, True, retry)  # type: ignore[no-any-return]
@@ -595,6 +631,48 @@ class Facade:
         better = type(exc)(message, sqlstate=exc.sqlstate, statement=exc.statement)
         better.__cause__ = exc.__cause__
         return better
+
+
+def _select_many(
+    table: str,
+    where: Optional[Mapping[str, Any]],
+    columns: Optional[Sequence[str]],
+    order_by: q.OrderBy,
+    limit: Optional[int],
+    offset: Optional[int],
+) -> Tuple[q.Statement, List[Any]]:
+    """The statement of ``find_many`` (and ``iter_many``) and its parameters."""
+    shape, params = q.where_shape(where)
+    limit = q.check_count(limit, "limit")
+    offset = q.check_count(offset, "offset")
+    cols = (
+        columns if columns is None or isinstance(columns, str) else _names_key(columns)
+    )
+    key = (
+        "many",
+        table,
+        shape,
+        cols,
+        q.order_key(order_by),
+        limit is None,
+        offset is None,
+    )
+    st = q.cached(key) or q.statement(
+        key,
+        lambda: sql.SQL("SELECT {} FROM {}{}{}{}{}").format(
+            q.columns_sql(columns),
+            q.table_identifier(table),
+            q.compile_where(shape),
+            q.compile_order_by(order_by),
+            sql.SQL(" LIMIT %s" if limit is not None else ""),
+            sql.SQL(" OFFSET %s" if offset is not None else ""),
+        ),
+    )
+    if limit is not None:
+        params.append(limit)
+    if offset is not None:
+        params.append(offset)
+    return st, params
 
 
 def _did_you_mean(name: str, candidates: Iterable[str]) -> str:

@@ -51,6 +51,7 @@ from typing import (
     Iterator,
     List,
     Optional,
+    Protocol,
     Tuple,
 )
 
@@ -90,6 +91,7 @@ CONNECTIONS_DISCARDED = "connections_discarded"
 CONNECTIONS_LOST = "connections_lost"
 CONNECT_ERRORS = "connect_errors"
 RETURNED_IN_TRANSACTION = "returned_in_transaction"
+DRAINS = "drains"
 _COUNTERS = (
     REQUESTS_NUM,
     REQUESTS_WAITING,
@@ -99,11 +101,18 @@ _COUNTERS = (
     CONNECTIONS_LOST,
     CONNECT_ERRORS,
     RETURNED_IN_TRANSACTION,
+    DRAINS,
     LEAKS_REPORTED,
     STALLS_DETECTED,
 )
 WAIT_TIME = "wait_time"  # total seconds callers spent in line
 MAX_WAIT = "max_wait"  # the longest one caller spent in line
+
+
+class WriteListener(Protocol):
+    """What a pool tells before each write through it (see ``routing``)."""
+
+    def wrote(self) -> None: ...
 
 
 class _Store(psycopg2.pool.ThreadedConnectionPool):
@@ -285,6 +294,8 @@ class ConnectionPool:
         leak_threshold: Optional[float] = None,
         stall_timeout: Optional[float] = None,
         reset_session: bool = False,
+        role: Optional[str] = None,
+        pooler: Optional[str] = None,
         settings: Optional[Settings] = None,
         **connect_kwargs: Any,
     ) -> None:
@@ -294,6 +305,7 @@ class ConnectionPool:
                 maxconn=maxconn,
                 timeout=timeout,
                 statement_timeout=statement_timeout,
+                pooler=pooler,
             )
         for what, value in (
             ("leak_threshold", leak_threshold),
@@ -319,7 +331,18 @@ class ConnectionPool:
             connect_timeout=connect_timeout,
             watch_tcp=stall_timeout is not None,
             connect_kwargs=connect_kwargs,
+            role=role,
         )
+        #: What each connection must be (``connector.PRIMARY`` ...), checked after
+        #: connect; from ``role=``, else the DSN's ``target_session_attrs``.
+        self.role = self._connector.role
+        #: The statement timeout, as the SQL that sets it for one transaction: sent
+        #: with each statement, never as a session setting (see ``executor``).
+        ms = settings.statement_timeout_ms
+        self.set_local = f"SET LOCAL statement_timeout = {int(ms)}" if ms else ""
+        #: Told before each write through this pool, when a Database reads on
+        #: standbys (read-your-writes, ``routing.WriteMarks``); else None.
+        self.writes: Optional[WriteListener] = None
         self._closed = False
         self._reset_state()
         register_adapters()
@@ -826,6 +849,9 @@ class ConnectionPool:
         try:
             conn.autocommit = False
             try:
+                if self.set_local:  # psycopg2 sends BEGIN first: local to the block
+                    with conn.cursor() as cur:
+                        cur.execute(self.set_local)
                 yield conn
             except BaseException:
                 if not conn.closed:
@@ -870,6 +896,30 @@ class ConnectionPool:
             result.update(self.counters)
             result.update(self.timings)
         return result
+
+    def drain(self) -> int:
+        """Replace every connection: the idle ones are closed now, the lent ones as
+        they come back; return how many idle ones were closed.
+
+        For a server that changed role under the pool (a failover made it a standby:
+        SQLSTATE 25006): new connections go through the DSN again, and with a role
+        set, to the node that has it. Thread-safe; the pool stays open.
+        """
+        with self.lock:
+            idle: List[PooledConnection] = list(self._store._pool)
+            self._store._pool.clear()
+            for conn in self._store._used.values():
+                conn.expires_at = conn.lifetime_ends = 0.0
+            self.counters[DRAINS] += 1
+        for conn in idle:
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()
+        logger.warning(
+            "pool %r: the server refused a write as read-only (a failover?); "
+            "reconnecting every connection",
+            self.name,
+        )
+        return len(idle)
 
     def close(self) -> None:
         """Close every idle connection; borrowed ones are closed as they come back.

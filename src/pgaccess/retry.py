@@ -9,6 +9,10 @@ What is transient (and why):
 - ``57P01`` admin_shutdown, ``57P02`` crash_shutdown, ``57P03`` cannot_connect_now:
   the server is restarting (fast or after a crash) or still starting up.
 - ``53300`` too_many_connections: the server is full for now.
+- ``25006`` read_only_sql_transaction (``ReadOnlyNode``) once the pool has reconnected
+  (``ConnectionPool.drain``): the connection had reached a standby after a failover;
+  the write was refused, so nothing was done. ``REFUSED`` retries it for every write,
+  idempotent or not.
 - ``ConnectionLost`` (a connection that died with no SQLSTATE, as psycopg2 reports it),
   ``ConnectionFailed`` and ``PoolTimeout``: nothing was done, trying again is safe.
 - a bare ``psycopg2.OperationalError`` raised by user code (the usage guide raises one
@@ -54,10 +58,12 @@ from .errors import (
     ConnectionLost,
     DatabaseError,
     PoolTimeout,
+    ReadOnlyNode,
 )
 
 __all__ = [
     "READ",
+    "REFUSED",
     "TRANSIENT",
     "WRITE",
     "RetryPolicy",
@@ -95,6 +101,8 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (PoolTimeout, ConnectionLost, ConnectionFailed)):
         return True
+    if isinstance(exc, ReadOnlyNode):  # 25006: transient once the pool reconnected
+        return exc.reconnected
     code = sqlstate_of(exc)
     if code is not None:
         return code in TRANSIENT_SQLSTATES or code.startswith("08")
@@ -119,6 +127,12 @@ READ: retry_base = TRANSIENT & retry_if_not_exception_type(
 #: Idempotent writes inside one call: what ``READ`` retries, and outcomes that may
 #: have landed (running an idempotent write again leaves the same state).
 WRITE: retry_base = READ | retry_if_exception_type(CommitOutcomeUnknown)
+
+#: Any write, idempotent or not: a failure that says the statement was refused before
+#: it ran (a standby after a failover), so running it again cannot do it twice.
+REFUSED: retry_base = retry_if_exception(
+    lambda exc: isinstance(exc, ReadOnlyNode) and exc.reconnected
+)
 
 #: What decides a retry: a tenacity strategy, or a predicate on the exception.
 RetryOn = Union[retry_base, Callable[[BaseException], bool]]

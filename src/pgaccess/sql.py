@@ -325,6 +325,35 @@ def params_mismatch(text: str, params: Any) -> str:
     )
 
 
+# What a transaction-mode pooler cannot give: state that outlives the transaction on
+# one server connection, which the next transaction (maybe another client's) gets.
+_SESSION_FEATURES = (
+    (re.compile(r"^\s*(LISTEN|UNLISTEN)\b", re.I), "LISTEN (use the Worker's "
+     "listen_dsn=, or Database(session_dsn=...))"),
+    (re.compile(r"\bpg_(try_)?advisory_(un)?lock(_shared)?\s*\(", re.I),
+     "a session advisory lock (use pg_advisory_xact_lock in a transaction)"),
+    (re.compile(r"^\s*(SET|RESET)\s+(?!LOCAL\b)(?!TRANSACTION\b)", re.I),
+     "a session SET (use SET LOCAL in a transaction)"),
+    (re.compile(r"^\s*(PREPARE|DEALLOCATE)\b", re.I), "a prepared statement"),
+    (re.compile(r"\bWITH\s+HOLD\b", re.I), "a WITH HOLD cursor"),
+    (re.compile(r"^\s*CREATE\s+(GLOBAL\s+|LOCAL\s+)?TEMP(ORARY)?\s+TABLE\b"
+                r"(?!.*\bON\s+COMMIT\s+DROP\b)", re.I | re.S),
+     "a temporary table that outlives the transaction (add ON COMMIT DROP)"),
+)  # fmt: skip
+
+
+def check_no_session_state(text: str) -> None:
+    """Refuse, with ``InvalidQuery``, a statement that needs a session of its own:
+    behind a transaction-mode pooler its state would reach other clients."""
+    for pattern, what in _SESSION_FEATURES:
+        if pattern.search(text):
+            raise InvalidQuery(
+                f"{what} needs a session, which a transaction-mode pooler does not "
+                "keep: the state would stay on a server connection other clients "
+                "get next (this pool was made with pooler='transaction')"
+            )
+
+
 def check_params(params: Any) -> None:
     """Reject a string as raw ``params``: psycopg2 would take it as a sequence of
     characters."""

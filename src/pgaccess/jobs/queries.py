@@ -448,11 +448,17 @@ RETURNING id
 
 # The job, then its queued and waiting descendants (a processing one finishes; its
 # parent, cancelled, no longer waits for it); the job's own parent's fan-in.
+# A failed job (%(failed)s) is cancelled by ``given_up``: its parent counted it when
+# it failed, so no fan-in for it.
 CANCEL = f"""
 WITH RECURSIVE top AS (
     UPDATE video_job SET status = 'cancelled', finished_at = now(), updated_at = now()
     WHERE id = %(id)s AND status IN ('queued', 'processing', 'waiting')
     RETURNING id, parent_id, status
+), given_up AS (
+    UPDATE video_job SET status = 'cancelled', finished_at = now(), updated_at = now()
+    WHERE id = %(id)s AND %(failed)s AND status = 'failed'
+    RETURNING id
 ), tree(id) AS (
     SELECT c.id FROM video_job AS c WHERE c.parent_id = %(id)s
     UNION ALL
@@ -462,10 +468,12 @@ WITH RECURSIVE top AS (
     SET status = 'cancelled', finished_at = now(), updated_at = now()
     FROM tree
     WHERE v.id = tree.id AND v.status IN ('queued', 'waiting')
-      AND EXISTS (SELECT 1 FROM top)
+      AND (EXISTS (SELECT 1 FROM top) OR EXISTS (SELECT 1 FROM given_up))
     RETURNING v.id
 ), {fan_in("SELECT parent_id, status FROM top")}
 SELECT id, (SELECT count(*) FROM below) AS descendants FROM top
+UNION ALL
+SELECT id, (SELECT count(*) FROM below) FROM given_up
 """
 
 # A block's spawned children not released (the block failed for good): cancelled,
@@ -678,4 +686,61 @@ FROM video_job WHERE parent_id = ANY(%(ids)s::bigint[])
 DEMO_FOREIGN_WORK = """
 SELECT count(*) AS n FROM video_job
 WHERE status IN ('queued', 'processing') AND NOT starts_with(src_hash, %(prefix)s)
+"""
+
+# Operations: the queue gauges of ``pgaccess.metrics`` (one statement per interval per
+# process) and the reads of ``pgaccess dashboard``. Each serves from an index where
+# the table grows (finished jobs): only the counts by status scan it.
+QUEUE_GAUGES = """
+SELECT status, count(*) AS n,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_s
+FROM video_job GROUP BY status
+"""
+
+THROUGHPUT = """
+WITH done AS (
+    SELECT date_trunc('minute', finished_at) AS minute,
+           count(*) FILTER (WHERE status = 'completed') AS completed,
+           count(*) FILTER (WHERE status = 'failed') AS failed
+    FROM video_job
+    WHERE finished_at
+          >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s - 1)
+    GROUP BY 1
+)
+SELECT m.minute, coalesce(done.completed, 0) AS completed,
+       coalesce(done.failed, 0) AS failed
+FROM generate_series(
+    date_trunc('minute', now()) - make_interval(mins => %(minutes)s - 1),
+    date_trunc('minute', now()), interval '1 minute'
+) AS m(minute)
+LEFT JOIN done ON done.minute = m.minute
+ORDER BY m.minute
+"""
+
+OLDEST_QUEUED = """
+SELECT id, src_hash, input_path, priority, attempts, max_attempts, created_at,
+       run_after, extract(epoch FROM now() - created_at)::float8 AS age_s
+FROM video_job WHERE status = 'queued'
+ORDER BY created_at, id LIMIT 1
+"""
+
+RUNNING = """
+SELECT id, src_hash, locked_by, attempts, max_attempts,
+       extract(epoch FROM now() - locked_at)::float8 AS running_s,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age_s
+FROM video_job WHERE status = 'processing'
+ORDER BY locked_at, id LIMIT %(n)s
+"""
+
+# The last errors: jobs failed for good, and queued ones whose last attempt failed.
+LATEST_FAILURES = """
+SELECT * FROM (
+    (SELECT id, src_hash, status, attempts, max_attempts, error, updated_at
+     FROM video_job WHERE status = 'failed' ORDER BY finished_at DESC LIMIT %(n)s)
+    UNION ALL
+    (SELECT id, src_hash, status, attempts, max_attempts, error, updated_at
+     FROM video_job WHERE status = 'queued' AND error IS NOT NULL
+     ORDER BY updated_at DESC LIMIT %(n)s)
+) AS f
+ORDER BY updated_at DESC, id DESC LIMIT %(n)s
 """

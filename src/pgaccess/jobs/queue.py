@@ -28,6 +28,7 @@ Job states::
                       processing --reclaim_stale--> queued, or failed if none left
                       processing --release--> queued (the attempt not counted)
     queued, processing --cancel--> cancelled
+    failed --cancel(failed=True)--> cancelled
 """
 
 from __future__ import annotations
@@ -1549,16 +1550,18 @@ class VideoJobs:
         job_id = check_id(job_id)
         return bool(self._write(Q.RETRY_FAILED, {"id": job_id}))
 
-    def cancel(self, job_id: int) -> bool:
+    def cancel(self, job_id: int, *, failed: bool = False) -> bool:
         """Cancel a queued, processing or waiting job; False if it had already
         finished.
 
         A worker holding it gets ``JobLost`` at its next heartbeat or completion.
+        ``failed=True`` also cancels a ``failed`` job: given up, not to be retried.
         Its queued and waiting descendants are cancelled with it (processing ones
-        run to their end); a waiting parent counts it as a finished child.
+        run to their end); a waiting parent counts it as a finished child (one that
+        failed for good was counted already).
         """
         job_id = check_id(job_id)
-        return bool(self._write(Q.CANCEL, {"id": job_id}))
+        return bool(self._write(Q.CANCEL, {"id": job_id, "failed": bool(failed)}))
 
     def purge(self, older_than: Duration) -> int:
         """Delete jobs finished more than ``older_than`` ago; return how many.

@@ -8,13 +8,19 @@ import os
 import socket
 import threading
 from time import perf_counter
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from .. import schema
+from ..config import TRANSACTION_POOLER
 from ..database import Database
-from ..errors import DatabaseError
+from ..errors import DatabaseError, InvalidQuery
+from ..stats import Histograms
 from . import queries as Q
 from .listener import Listener, Wakeup
 from .queue import Duration, JobHandle, VideoJobs, error_text, seconds
+
+if TYPE_CHECKING:
+    from ..metrics import MetricsServer
 
 __all__ = ["Handler", "Worker"]
 
@@ -76,6 +82,12 @@ class Worker:
     stopping them leaves their jobs ``processing`` until ``reclaim_stale`` (run every
     ``RECLAIM_INTERVAL`` when ``reclaim_after`` is given) returns them.
     ``purge_after``: delete jobs finished that long ago, every ``PURGE_INTERVAL``.
+
+    ``metrics_port``: serve Prometheus metrics at ``/metrics`` on that port (0: any
+    free one, see ``metrics_address``) of ``metrics_addr`` while the worker runs:
+    this worker's counts and stage timings (``stage_seconds``), its pool, the
+    statements, the retries and the queue (see ``pgaccess.metrics``; needs the
+    ``metrics`` extra, else ``ImportError`` here).
     """
 
     IDLE_MIN: float = 0.05
@@ -104,6 +116,8 @@ class Worker:
         purge_after: Optional[Duration] = None,
         listen: bool = True,
         listen_dsn: Optional[str] = None,
+        metrics_port: Optional[int] = None,
+        metrics_addr: str = "0.0.0.0",
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -131,19 +145,47 @@ class Worker:
         self._threads: List[threading.Thread] = []
         self._lock = threading.Lock()
         self._counts: Dict[str, int] = dict.fromkeys(_COUNTS, 0)
+        #: Stage timings (seconds) of the jobs this worker completed.
+        self.stage_seconds = Histograms()
+        self.metrics_port = metrics_port
+        self.metrics_addr = metrics_addr
+        self._metrics: Optional[MetricsServer] = None
+        if metrics_port is not None:
+            from .. import metrics  # noqa: F401 (fails here if the extra is missing)
 
     def __repr__(self) -> str:
         return f"<Worker {self.worker_id!r} threads={self.threads}>"
 
     # ----------------------------------------------------------- control
     def start(self) -> None:
-        """Start the threads and return. Raises RuntimeError if already started."""
+        """Start the threads and return. Raises RuntimeError if already started, and
+        ``SchemaVersionError`` if the database's schema is older than this pgaccess
+        needs (run ``pgaccess migrate``)."""
         if self._threads:
             raise RuntimeError(f"{self!r} was already started")
+        # SchemaVersionError before any thread runs statements the schema lacks.
+        schema.check_version(self.db.pool)
+        dsn = None
         if self.listen:
-            dsn = self.listen_dsn
+            dsn = self.listen_dsn or self.db.session_dsn
             if dsn is None:
-                dsn = self.db.pool.settings.dsn
+                settings = self.db.pool.settings
+                if settings.pooler == TRANSACTION_POOLER:
+                    raise InvalidQuery(
+                        "LISTEN needs a session, which the pool's transaction-mode "
+                        "pooler does not keep: pass Worker(listen_dsn=...) or "
+                        "Database(session_dsn=...) (the server, or a session-mode "
+                        "pooler), or listen=False to poll"
+                    )
+                dsn = settings.dsn
+        # After the checks, before any thread: a port in use starts nothing.
+        if self.metrics_port is not None:
+            from ..metrics import serve
+
+            self._metrics = serve(
+                self.metrics_port, self.metrics_addr, db=self.db, worker=self
+            )
+        if dsn is not None:
             self.listener = Listener(
                 dsn,
                 Q.CHANNEL,
@@ -174,6 +216,14 @@ class Worker:
         self._wakeup.close()
         if self.listener is not None:
             self.listener.stop()
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            metrics.close()
+
+    @property
+    def metrics_address(self) -> Optional[Tuple[str, int]]:
+        """(host, port) the metrics are served on while the worker runs, else None."""
+        return None if self._metrics is None else self._metrics.address
 
     def join(self, timeout: Optional[float] = None) -> bool:
         """Wait for the threads to end; True if they all did within ``timeout``."""
@@ -364,6 +414,15 @@ class Worker:
             completed=len(outcome.completed),
             lost=len(outcome.lost),
             failed=len(outcome.refused),
+        )
+        done = set(outcome.completed)
+        self.stage_seconds.observe_many(
+            [
+                (stage, ms / 1000.0)
+                for h in batch
+                if h.id in done
+                for _, stage, ms in h.timings
+            ]
         )
 
     def _release(self, handles: List[JobHandle]) -> None:
