@@ -372,6 +372,22 @@ def test_then_complete_on_a_nested_parent_queues_it_for_its_handler(
     assert statuses(db, [top, mid]) == ["completed", "completed"]
 
 
+def test_cancelling_a_failed_child_does_not_count_it_twice(
+    db: Database, jobs: VideoJobs
+) -> None:
+    parent_id = jobs.enqueue("given-up", None)
+    with jobs.processing("w") as job:
+        assert job is not None
+        bad, good = (job.spawn(f"given-up/{i}", None, max_attempts=1) for i in (0, 1))
+    claim_all(jobs, "w2")
+    assert jobs.fail(bad, "w2", "broken") == "failed"
+    assert jobs.cancel(bad, failed=True)
+    parent = row(db, parent_id)
+    assert (parent["status"], parent["children_pending"]) == ("waiting", 1)
+    jobs.complete(good, "w2")
+    assert row(db, parent_id)["status"] == "queued"
+
+
 def test_cancelling_a_parent_cancels_its_queued_and_waiting_descendants(
     db: Database, jobs: VideoJobs
 ) -> None:
