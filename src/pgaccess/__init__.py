@@ -33,7 +33,7 @@ from .errors import (
     UnknownColumn,
     UnknownTable,
 )
-from .jobs import Highlights, JobHandle, JobLost, Metrics, VideoJobs, Worker
+from .jobs import Highlights, JobBusy, JobHandle, JobLost, Metrics, VideoJobs, Worker
 from .policies import WritePolicies, WritePolicy
 from .pool import ConnectionPool
 from .retry import RetryPolicy, is_transient, retrying, with_retry
@@ -55,6 +55,7 @@ __all__ = [
     "Highlights",
     "IntegrityError",
     "InvalidQuery",
+    "JobBusy",
     "JobHandle",
     "JobLost",
     "Metrics",

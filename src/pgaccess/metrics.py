@@ -92,7 +92,7 @@ logger = logging.getLogger("pgaccess.metrics")
 #: shapes that share their start).
 STATEMENT_LABEL_CHARS = 160
 
-STATUSES = ("queued", "processing", "completed", "failed", "cancelled")
+STATUSES = Q.STATUSES
 
 # pool.stats() name -> (metric name, help); counters, then gauges.
 _POOL_COUNTERS = {

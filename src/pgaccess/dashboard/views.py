@@ -24,7 +24,7 @@ __all__ = ["Snapshot", "read_snapshot", "render_message", "render_page", "styles
 
 Row = Dict[str, Any]
 
-STATUSES = ("queued", "processing", "completed", "failed", "cancelled")
+STATUSES = Q.STATUSES
 #: Minutes of the throughput chart; rows of the running and failure tables.
 MINUTES = 60
 ROWS = 20

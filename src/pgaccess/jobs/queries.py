@@ -14,6 +14,9 @@ _JOB_KEY = conflict_target(VIDEO_JOB)
 _HIGHLIGHT_KEY = conflict_target(HIGHLIGHT)
 _METRIC_KEY = conflict_target(PROCESSING_METRICS)
 
+#: Every status a job can have, in its life's order (sql/schema.sql's CHECK).
+STATUSES = ("queued", "processing", "waiting", "completed", "failed", "cancelled")
+
 #: The channel the schema's insert trigger notifies (payload: how many jobs are due
 #: now) and the workers LISTEN on. sql/schema.sql spells it too.
 CHANNEL = "pgaccess_video_job"
