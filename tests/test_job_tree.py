@@ -626,7 +626,7 @@ def run_script(dsn: str, *paths: Path) -> None:
 def test_the_upgrade_from_the_previous_schema_makes_the_newest_one(
     pgaccess_server: TestServer, worker_id: str
 ) -> None:
-    before = ROOT / "tests" / "fixtures" / "schema_before_job_tree.sql"
+    before = ROOT / "tests" / "fixtures" / "schema_0_1_0.sql"  # the schema before
     upgrade = ROOT / "src" / "pgaccess" / "migrations" / "0002_job_tree.sql"
     newest = ROOT / "sql" / "schema.sql"
     names = [f"pgaccess_jobtree_{kind}_{worker_id}" for kind in ("up", "new")]

@@ -97,6 +97,13 @@ def test_constructed_errors_pickle(cls: type) -> None:
         assert type(again) is cls and str(again) == str(lost)
         assert (again.job_id, again.worker_id, again.holder) == (7, "w1", "w2")
         return
+    if cls is pgaccess.JobBusy:
+        busy = cls("abc", "processing", "w2")
+        again = pickle.loads(pickle.dumps(busy))
+        assert type(again) is cls and str(again) == str(busy)
+        assert (again.src_hash, again.status) == ("abc", "processing")
+        assert again.holder == "w2"
+        return
     err = cls("something failed", sqlstate="XX000", statement="SELECT %s")
     check_pickle(err)
     assert str(err) == "something failed (SQLSTATE XX000)\n  statement: SELECT %s"
