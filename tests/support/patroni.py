@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import secrets
@@ -46,7 +47,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import psycopg2
 from psycopg2.extensions import make_dsn
 
-from pgaccess.embedded import scratch_dir, server_bin_dir, server_user
+from pgaccess.embedded import scratch_dir, server_bin_dir, server_user, system_home
 from support.tools import skip_unless_available
 
 __all__ = ["PatroniCluster", "patroni_cluster", "patroni_unavailable"]
@@ -65,11 +66,27 @@ def _etcd_program() -> Optional[str]:
     return shutil.which("etcd") or shutil.which("etcd", path="/usr/sbin:/usr/bin")
 
 
+@functools.cache
 def _python_for_server_user() -> Tuple[Optional[str], Dict[str, str], str]:
-    """A Python the server's user can run Patroni with, its environment; or why not."""
+    """A Python the server's user can run Patroni with, its environment; or why not.
+
+    First this interpreter's own packages; where the server's user cannot read them
+    (a virtualenv under root's 0700 home, as a CI checkout may be), a copy of Patroni
+    installed once into a folder of pgaccess's own that it can read
+    (``_server_readable_site``)."""
     site = os.pathsep.join(
         dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
     )
+    python, env, why = _probe_pythons(site)
+    if python is None and os.geteuid() == 0:
+        try:
+            python, env, why = _probe_pythons(_server_readable_site())
+        except (OSError, subprocess.SubprocessError) as exc:
+            why += f"; a copy it could read could not be installed: {exc}"
+    return python, env, why
+
+
+def _probe_pythons(site: str) -> Tuple[Optional[str], Dict[str, str], str]:
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     candidates = [
         sys.executable,
@@ -99,6 +116,45 @@ def _python_for_server_user() -> Tuple[Optional[str], Dict[str, str], str]:
             return python, env, ""
         why = f"{python}: {probe.stderr.strip().splitlines()[-1:]}"
     return None, env, why
+
+
+def _server_readable_site() -> str:
+    """Patroni (the version installed here) and what it imports, installed once with
+    this interpreter's pip into ``/var/lib/pgaccess/patroni-<version>-py<X.Y>``: a
+    folder pgaccess creates (root's, 0755), which the server's user can read."""
+    from importlib.metadata import version
+
+    wanted = [
+        f"patroni[etcd3]=={version('patroni')}",
+        f"psycopg2-binary=={version('psycopg2-binary')}",
+    ]
+    py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    target = system_home() / f"patroni-{version('patroni')}-py{py}"
+    if (target / ".complete").exists():
+        return str(target)
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--target",
+            str(partial),
+            *wanted,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
+    (partial / ".complete").touch()
+    try:
+        partial.rename(target)
+    except OSError:  # another run made it meanwhile
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(target)
 
 
 def patroni_unavailable() -> Optional[str]:
