@@ -59,10 +59,15 @@ class WriteMarks:
         """The WAL position this thread's reads must see (0: none)."""
         local = self._local
         if local.__dict__.get("dirty"):
-            local.dirty = False  # before the read: a write meanwhile marks it again
+            query = "SELECT pg_current_wal_insert_lsn()::text"
             with primary.connection() as conn, conn.cursor() as cur:
-                cur.execute("SELECT pg_current_wal_insert_lsn()::text")
-                row = cur.fetchone()
+                try:
+                    cur.execute(query)
+                    row = cur.fetchone()
+                except psycopg2.Error as exc:  # still dirty: the next read asks again
+                    raise translate(exc, query, connection=conn) from exc
+            # Cleared after the answer, which covers every write made before it.
+            local.dirty = False
             current = lsn_int(row[0]) if row else 0
             local.lsn = max(current, local.__dict__.get("lsn", 0))
         return int(local.__dict__.get("lsn", 0))
