@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support.workers import CLAIM_MARK, enqueue_n, statement_calls, wait_until
 
 from pgaccess import Database, InvalidQuery
+from pgaccess.embedded import free_port
 from pgaccess.jobs import VideoJobs, Worker
 from pgaccess.metrics import QueueSampler, register
 
@@ -329,10 +330,6 @@ def test_metrics_without_the_extra_say_how_to_get_it(code: str) -> None:
 
 
 # ------------------------------------------------------------ worker --metrics-port
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_cli_worker_serves_metrics(db: Database) -> None:

@@ -63,6 +63,7 @@ __all__ = [
     "SYSTEM_HOME",
     "EmbeddedServer",
     "EmbeddedUnavailable",
+    "free_port",
     "project_datadir",
     "scratch_dir",
     "server_bin_dir",
@@ -289,7 +290,8 @@ def project_datadir(project: Union[str, Path]) -> Path:
     return clusters / f"{project.name}-{digest}" / "pgdata"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -348,7 +350,7 @@ class EmbeddedServer:
         self.replication = replication
         self.settings: Dict[str, Any] = dict(settings or {})
         if replication:
-            self.settings.setdefault("port", _free_port())
+            self.settings.setdefault("port", free_port())
         #: Its ``application_name`` as a standby (a name in synchronous_standby_names).
         self.name = name or self.datadir.name
         #: The libpq password file of this cluster (0600, the invoking user's).
@@ -456,7 +458,7 @@ class EmbeddedServer:
                     f"(pg_ctl -D {self.datadir} stop) and delete that folder; the "
                     "next run makes a new one"
                 )
-            options = [f"-p {_free_port()}"]
+            options = [f"-p {free_port()}"]
             options += [f"-c {k}={v}" for k, v in self._server_settings().items()]
             self._pg_ctl(
                 "start", "-w", "-t", str(int(self.START_TIMEOUT)),

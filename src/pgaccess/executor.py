@@ -28,6 +28,7 @@ whether or not it is idempotent, since nothing was written.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -169,8 +170,12 @@ _NO_TRANSACTION_BLOCK = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=1024)
 def with_set_local(set_local: str, text: str) -> str:
-    """``text`` with the pool's ``SET LOCAL`` in front, in the same round trip."""
+    """``text`` with the pool's ``SET LOCAL`` in front, in the same round trip.
+
+    Cached: the facade's statements are cached texts, and this runs on every call
+    of a pool with a statement timeout (the regex reads the whole text)."""
     if not set_local or _NO_TRANSACTION_BLOCK.match(text):
         return text
     return f"{set_local}; {text}"

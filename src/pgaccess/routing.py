@@ -158,13 +158,6 @@ class ReadRouter:
         self.lagging = 0
         self.refused = 0
 
-    @property
-    def pool(self) -> ConnectionPool:
-        return self.replica.pool
-
-    def transaction(self) -> Optional[TransactionExecutor]:
-        return self.primary.transaction()
-
     def run(
         self,
         st: q.Statement,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import uuid
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -25,15 +24,9 @@ from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
 from pgaccess import schema
-from pgaccess.embedded import EmbeddedServer, scratch_dir
+from pgaccess.embedded import EmbeddedServer, free_port, scratch_dir
 
 __all__ = ["Dedicated", "dedicated_server"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _explained(action: Callable[..., Any], *args: Any) -> None:
@@ -144,7 +137,7 @@ def dedicated_server(settings: Optional[Dict[str, Any]] = None) -> Iterator[Dedi
     Its data lives in a ``scratch_dir()``, not in pytest's ``tmp_path``: under root
     the server's user cannot enter pytest's folders (/tmp/pytest-of-root is 0700).
     """
-    port = _free_port()
+    port = free_port()
     conf: Dict[str, Any] = {"synchronous_commit": "on", "port": port}
     conf.update(settings or {})
     root = scratch_dir("pgaccess-dedicated-")

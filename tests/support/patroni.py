@@ -34,7 +34,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -47,19 +46,19 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import psycopg2
 from psycopg2.extensions import make_dsn
 
-from pgaccess.embedded import scratch_dir, server_bin_dir, server_user, system_home
+from pgaccess.embedded import (
+    free_port,
+    scratch_dir,
+    server_bin_dir,
+    server_user,
+    system_home,
+)
 from support.tools import skip_unless_available
 
 __all__ = ["PatroniCluster", "patroni_cluster", "patroni_unavailable"]
 
 SUPERUSER = "postgres"
 REPLICATOR = "replicator"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _etcd_program() -> Optional[str]:
@@ -252,8 +251,8 @@ class PatroniNode:
         self.name = name
         self.folder = folder
         self.datadir = folder / "data"
-        self.pg_port = _free_port()
-        self.api_port = _free_port()
+        self.pg_port = free_port()
+        self.api_port = free_port()
         self.process: Optional[_Process] = None
 
     def __repr__(self) -> str:
@@ -292,7 +291,7 @@ class PatroniCluster:
             PatroniNode(f"node{i + 1}", self.root / f"node{i + 1}")
             for i in range(nodes)
         ]
-        self.etcd_port = _free_port()
+        self.etcd_port = free_port()
         self._etcd: Optional[_Process] = None
         python, self._env, _why = _python_for_server_user()
         self._python = python or sys.executable
@@ -511,7 +510,7 @@ class PatroniCluster:
         assert program is not None
         folder = self.root / "etcd"
         self._own(folder, directory=True)
-        peer = f"http://127.0.0.1:{_free_port()}"
+        peer = f"http://127.0.0.1:{free_port()}"
         client = f"http://127.0.0.1:{self.etcd_port}"
         self._etcd = _Process(
             [

@@ -37,7 +37,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 import psycopg2
 from psycopg2.extensions import make_dsn, parse_dsn
 
-from pgaccess.embedded import EmbeddedServer, scratch_dir, server_user
+from pgaccess.embedded import EmbeddedServer, free_port, scratch_dir, server_user
 from support.dedicated import admin_query
 from support.tools import skip_unless_available
 
@@ -81,12 +81,6 @@ def pgbouncer_unavailable() -> Optional[str]:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PgBouncer:
     """One PgBouncer process in front of the server ``target_dsn`` reaches."""
 
@@ -118,7 +112,7 @@ class PgBouncer:
         if server_login_retry is not None:
             self.settings["server_login_retry"] = server_login_retry
         self.settings.update(settings or {})
-        self.port = _free_port()
+        self.port = free_port()
         self.folder: Optional[Path] = None
         self.process: Optional[subprocess.Popen[bytes]] = None
 

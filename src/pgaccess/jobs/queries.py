@@ -123,6 +123,22 @@ LEFT JOIN video_job AS v ON v.src_hash = input.src_hash
 ORDER BY input.ord
 """
 
+
+def _claimed_from(source: str) -> str:
+    """The end of both claims: the jobs whose ids the CTE ``source`` chose become
+    processing by ``%(worker)s`` (one attempt more), returned best first."""
+    return f"""), claimed AS (
+    UPDATE video_job AS v
+    SET status = 'processing', locked_by = %(worker)s, locked_at = now(),
+        heartbeat_at = now(), attempts = v.attempts + 1, updated_at = now()
+    FROM {source}
+    WHERE v.id = {source}.id
+    RETURNING {_RETURNING}
+)
+SELECT * FROM claimed ORDER BY priority DESC, created_at, id
+"""
+
+
 # MATERIALIZED: the locking SELECT runs once, on its own, and feeds the UPDATE; inlined,
 # the planner could evaluate it in a way that locks rows it then does not update.
 # SKIP LOCKED: concurrent claimers pass over each other's rows instead of queueing.
@@ -140,16 +156,7 @@ WITH picked AS MATERIALIZED (
     ORDER BY priority DESC, created_at, id
     LIMIT %(limit)s
     FOR NO KEY UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE video_job AS v
-    SET status = 'processing', locked_by = %(worker)s, locked_at = now(),
-        heartbeat_at = now(), attempts = v.attempts + 1, updated_at = now()
-    FROM picked
-    WHERE v.id = picked.id
-    RETURNING {_RETURNING}
-)
-SELECT * FROM claimed ORDER BY priority DESC, created_at, id
-"""
+{_claimed_from("picked")}"""
 
 # CLAIM when some key has a limit. One statement; a limited key's claims are
 # serialized on its video_job_concurrency row:
@@ -194,16 +201,7 @@ WITH hint AS MATERIALIZED (
     ) AS x
     LEFT JOIN open ON open.key = x.key
     WHERE x.key IS NULL OR open.key IS NULL OR x.nth <= open.free
-), claimed AS (
-    UPDATE video_job AS v
-    SET status = 'processing', locked_by = %(worker)s, locked_at = now(),
-        heartbeat_at = now(), attempts = v.attempts + 1, updated_at = now()
-    FROM take
-    WHERE v.id = take.id
-    RETURNING {_RETURNING}
-)
-SELECT * FROM claimed ORDER BY priority DESC, created_at, id
-"""
+{_claimed_from("take")}"""
 
 LIMITS_EXIST = "SELECT EXISTS (SELECT 1 FROM video_job_concurrency) AS limited"
 
